@@ -25,10 +25,10 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from engram.hashing import NgramHasher, kernel_available  # noqa: E402
+from engram.hashing import NgramHasher, kernel_available
 
 V = 99_092
 SIZES = [129280 * 5, 129280 * 5]
@@ -134,8 +134,12 @@ def main() -> None:
     t = timeit(fns, args.repeats)
     tokens = x.size
     base = t["plain (each layer once)"]
-    print(f"machine: {platform.machine()} {platform.processor() or ''} | kernel built: {kernel_available()}")
-    print(f"batch {args.batch} x {args.seq} tokens, layers {LAYERS}, orders 2-{N}, {K} heads, 1 thread")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''} | kernel built: {kernel_available()}"
+    )
+    print(
+        f"batch {args.batch} x {args.seq} tokens, layers {LAYERS}, orders 2-{N}, {K} heads, 1 thread"
+    )
     print(f"{'implementation':32s} {'ms':>8s} {'Mtok/s':>8s} {'vs plain':>9s}")
     for name, sec in t.items():
         print(f"{name:32s} {sec * 1e3:8.2f} {tokens / sec / 1e6:8.2f} {base / sec:8.2f}x")

@@ -9,90 +9,188 @@
  *
  * The modulo uses a floating-point quotient estimate: q = floor(double(mix) * (1/p)); for
  * |mix| <= 2^63 the estimate is within 1 of the true floor quotient when p > 3 * 2^10, so one
- * correction step in each direction gives the exact remainder. Moduli below EXACT_THRESHOLD
- * take the plain integer `%` path instead (the caller passes exact=1). The inner loop over
- * heads vectorizes on AVX-512 (int64 <-> double conversions); the function is compiled in
- * x86-64-v4 / v3 / baseline clones chosen at load time.
+ * correction step in each direction gives the exact remainder. Moduli below the caller's
+ * threshold take the plain integer `%` path instead (the caller passes exact=1). On x86 CPUs
+ * with AVX-512 (checked at run time) eight heads are reduced per instruction, with the moduli
+ * held in registers across a block of positions; elsewhere the same arithmetic runs in scalar
+ * code, so every machine produces the same bits.
  *
  * Loaded with ctypes (the GIL is released during the call); PyInit exists only so that the
  * build system treats this file as an ordinary extension module.
  */
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define ENGRAM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ENGRAM_CLONES
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define ENGRAM_X86 1
+#include <immintrin.h>
 #endif
 
 #define ENGRAM_MAX_N 32
+#define ENGRAM_BLOCK 256 /* tokens per block: scratch stays in L1/L2 */
 
-static inline void mod_row_fast(int64_t sm, const int64_t *__restrict p,
-                                const double *__restrict ip, int64_t *__restrict o, int64_t K)
+/* Floor modulo with a float quotient estimate (see the header comment); portable. */
+static inline int64_t fast_mod(int64_t sm, int64_t p, double ip)
 {
-    const double md = (double)sm;
-    for (int64_t k = 0; k < K; k++) {
-        /* (two statements: GCC 12 vectorizes this form, not the one-liner) */
-        double qd = __builtin_floor(md * ip[k]);
-        int64_t q = (int64_t)qd;
-        int64_t r = (int64_t)((uint64_t)sm - (uint64_t)q * (uint64_t)p[k]);
-        r += (r < 0) ? p[k] : 0;
-        r -= (r >= p[k]) ? p[k] : 0;
-        o[k] = r;
+    double qd = __builtin_floor((double)sm * ip);
+    int64_t q = (int64_t)qd;
+    int64_t r = (int64_t)((uint64_t)sm - (uint64_t)q * (uint64_t)p);
+    r += (r < 0) ? p : 0;
+    r -= (r >= p) ? p : 0;
+    return r;
+}
+
+static inline int64_t exact_mod(int64_t sm, int64_t p)
+{
+    const int64_t r = sm % p;
+    return r < 0 ? r + p : r;
+}
+
+/*
+ * Phase 1 (scalar, cheap): ids at lags 0..N-1 of each position of the block, pad past a document
+ * start. Phase 2 (vectorizable over positions): the mixes of every layer and order. Phase 3: the
+ * K moduli of each mix, written as one output row per (layer, position).
+ */
+static inline __attribute__((always_inline)) void
+fill_block(const int64_t *xb, const uint8_t *rb, int64_t nb, int64_t *w, int64_t pad, int64_t N,
+           int64_t L, const int64_t *mult, int64_t *lag, uint64_t *mix)
+{
+    for (int64_t i = 0; i < nb; i++) {
+        if (rb && rb[i])
+            for (int64_t k = 1; k < N; k++) w[k] = pad;
+        w[0] = xb[i];
+        for (int64_t k = 0; k < N; k++) lag[k * ENGRAM_BLOCK + i] = w[k];
+        for (int64_t k = N - 1; k >= 1; k--) w[k] = w[k - 1];
+    }
+    for (int64_t l = 0; l < L; l++) {
+        const uint64_t *m = (const uint64_t *)(mult + l * N);
+        for (int64_t n = 1; n < N; n++) {
+            uint64_t *__restrict dst = mix + (l * (N - 1) + (n - 1)) * ENGRAM_BLOCK;
+            const uint64_t *__restrict src = n == 1 ? NULL : dst - ENGRAM_BLOCK;
+            const int64_t *__restrict l0 = lag;
+            const int64_t *__restrict ln = lag + n * ENGRAM_BLOCK;
+            const uint64_t m0 = m[0], mn = m[n];
+            if (n == 1)
+                for (int64_t i = 0; i < nb; i++)
+                    dst[i] = ((uint64_t)l0[i] * m0) ^ ((uint64_t)ln[i] * mn);
+            else
+                for (int64_t i = 0; i < nb; i++) dst[i] = src[i] ^ ((uint64_t)ln[i] * mn);
+        }
     }
 }
 
-static inline void mod_row_exact(int64_t sm, const int64_t *__restrict p, int64_t *__restrict o,
-                                 int64_t K)
+static void mod_block_portable(const uint64_t *mix, int64_t nb, const int64_t *p, const double *ip,
+                               int64_t K, int exact, int64_t *o, int64_t H)
 {
-    for (int64_t k = 0; k < K; k++) {
-        const int64_t r = sm % p[k];
-        o[k] = r < 0 ? r + p[k] : r;
+    for (int64_t i = 0; i < nb; i++) {
+        const int64_t sm = (int64_t)mix[i];
+        int64_t *oo = o + i * H;
+        if (exact)
+            for (int64_t k = 0; k < K; k++) oo[k] = exact_mod(sm, p[k]);
+        else
+            for (int64_t k = 0; k < K; k++) oo[k] = fast_mod(sm, p[k], ip[k]);
     }
 }
+
+#ifdef ENGRAM_X86
+/* AVX-512: 8 heads per register, the moduli hoisted out of the position loop. */
+__attribute__((target("avx512f,avx512dq"))) static void
+mod_block_avx512(const uint64_t *mix, int64_t nb, const int64_t *p, const double *ip, int64_t K,
+                 int64_t *o, int64_t H)
+{
+    const __m512i zero = _mm512_setzero_si512();
+    for (int64_t k0 = 0; k0 < K; k0 += 8) {
+        const __mmask8 mk = (K - k0 >= 8) ? (__mmask8)0xFF : (__mmask8)((1u << (K - k0)) - 1);
+        const __m512i pv = _mm512_maskz_loadu_epi64(mk, p + k0);
+        const __m512d iv = _mm512_maskz_loadu_pd(mk, ip + k0);
+        for (int64_t i = 0; i < nb; i++) {
+            const int64_t sm = (int64_t)mix[i];
+            /* floor(sm / p) estimate, converted with round-toward-minus-infinity in one step */
+            const __m512i q = _mm512_cvt_roundpd_epi64(_mm512_mul_pd(_mm512_set1_pd((double)sm), iv),
+                                                       _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+            __m512i r = _mm512_sub_epi64(_mm512_set1_epi64(sm), _mm512_mullo_epi64(q, pv));
+            r = _mm512_mask_add_epi64(r, _mm512_cmplt_epi64_mask(r, zero), r, pv);
+            r = _mm512_mask_sub_epi64(r, _mm512_cmpge_epi64_mask(r, pv), r, pv);
+            _mm512_mask_storeu_epi64(o + i * H + k0, mk, r);
+        }
+    }
+}
+
+/* The mixes' int64 products vectorize with AVX-512DQ (vpmullq). */
+__attribute__((target("avx512f,avx512dq"))) static void
+fill_block_avx512(const int64_t *xb, const uint8_t *rb, int64_t nb, int64_t *w, int64_t pad,
+                  int64_t N, int64_t L, const int64_t *mult, int64_t *lag, uint64_t *mix)
+{
+    fill_block(xb, rb, nb, w, pad, N, L, mult, lag, mix);
+}
+
+static int have_avx512(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+}
+#endif
 
 /*
  * x:      (B, T) compressed ids, int64, row-major
  * reset:  (B, T) uint8 or NULL; 1 where a new document starts (earlier positions read pad)
  * window: (B, N-1) int64 or NULL; ids at lags 1..N-1 before x[:, 0]; updated in place
  * mult:   (L, N) int64 multipliers;  mods: (L, N-1, K) int64 primes;  inv: (L, N-1, K) 1/p
+ * flags:  bit 0: exact integer modulo (small moduli); bit 1: no SIMD (tests of the portable path)
  * out:    (L, B, T, (N-1)*K) int64
- * returns 0, or -1 when N is out of range.
+ * returns 0, -1 when N is out of range, -2 when scratch memory cannot be allocated.
  */
-ENGRAM_CLONES
 int engram_hash(const int64_t *x, int64_t B, int64_t T, const uint8_t *reset, int64_t *window,
                 int64_t pad, int64_t N, int64_t L, int64_t K, const int64_t *mult,
-                const int64_t *mods, const double *inv, int exact, int64_t *out)
+                const int64_t *mods, const double *inv, int flags, int64_t *out)
 {
+    const int exact = flags & 1;
     if (N < 2 || N > ENGRAM_MAX_N) return -1;
     const int64_t H = (N - 1) * K;
+    int64_t *lag = (int64_t *)malloc(sizeof(int64_t) * N * ENGRAM_BLOCK);
+    uint64_t *mix = (uint64_t *)malloc(sizeof(uint64_t) * L * (N - 1) * ENGRAM_BLOCK);
+    if (!lag || !mix) {
+        free(lag);
+        free(mix);
+        return -2;
+    }
+#ifdef ENGRAM_X86
+    const int simd = !exact && !(flags & 2) && have_avx512();
+#endif
     for (int64_t b = 0; b < B; b++) {
         int64_t w[ENGRAM_MAX_N]; /* w[k]: the id seen at lag k; w[0] is the current id */
         for (int64_t k = 1; k < N; k++) w[k] = window ? window[b * (N - 1) + (k - 1)] : pad;
-        const int64_t *xb = x + b * T;
-        for (int64_t t = 0; t < T; t++) {
-            if (reset && reset[b * T + t])
-                for (int64_t k = 1; k < N; k++) w[k] = pad;
-            w[0] = xb[t];
+        for (int64_t t0 = 0; t0 < T; t0 += ENGRAM_BLOCK) {
+            const int64_t nb = T - t0 < ENGRAM_BLOCK ? T - t0 : ENGRAM_BLOCK;
+            const int64_t *xb = x + b * T + t0;
+            const uint8_t *rb = reset ? reset + b * T + t0 : NULL;
+#ifdef ENGRAM_X86
+            if (simd)
+                fill_block_avx512(xb, rb, nb, w, pad, N, L, mult, lag, mix);
+            else
+#endif
+                fill_block(xb, rb, nb, w, pad, N, L, mult, lag, mix);
             for (int64_t l = 0; l < L; l++) {
-                const int64_t *m = mult + l * N;
-                int64_t *o = out + ((l * B + b) * T + t) * H;
-                uint64_t mix = (uint64_t)w[0] * (uint64_t)m[0];
                 for (int64_t n = 1; n < N; n++) {
-                    mix ^= (uint64_t)w[n] * (uint64_t)m[n];
-                    const int64_t off = (l * (N - 1) + (n - 1)) * K;
-                    if (exact)
-                        mod_row_exact((int64_t)mix, mods + off, o + (n - 1) * K, K);
-                    else
-                        mod_row_fast((int64_t)mix, mods + off, inv + off, o + (n - 1) * K, K);
+                    const int64_t row = l * (N - 1) + (n - 1);
+                    const uint64_t *mx = mix + row * ENGRAM_BLOCK;
+                    int64_t *o = out + ((l * B + b) * T + t0) * H + (n - 1) * K;
+#ifdef ENGRAM_X86
+                    if (simd) {
+                        mod_block_avx512(mx, nb, mods + row * K, inv + row * K, K, o, H);
+                        continue;
+                    }
+#endif
+                    mod_block_portable(mx, nb, mods + row * K, inv + row * K, K, exact, o, H);
                 }
             }
-            for (int64_t k = N - 1; k >= 1; k--) w[k] = w[k - 1];
         }
         if (window)
             for (int64_t k = 1; k < N; k++) window[b * (N - 1) + (k - 1)] = w[k];
     }
+    free(lag);
+    free(mix);
     return 0;
 }
 

@@ -188,6 +188,7 @@ class NgramHasher:
         self._mods_all = np.array([self._table_sizes[i] for i in layers], dtype=np.int64)
         self._inv_all = 1.0 / self._mods_all.astype(np.float64)
         self._exact = bool(self._mods_all.min() < _EXACT_THRESHOLD)
+        self._portable_kernel = False  # True forces the kernel's scalar path (tests)
         self._torch_consts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ constructors
@@ -390,7 +391,7 @@ class NgramHasher:
                 None if r is None else r.ctypes.data,
                 None if w is None else w.ctypes.data,
                 self.pad_id, self.max_ngram_size, len(sel), self.n_head_per_ngram,
-                mult.ctypes.data, mods.ctypes.data, inv.ctypes.data, int(self._exact),
+                mult.ctypes.data, mods.ctypes.data, inv.ctypes.data, self._kernel_flags(),
                 res_np.ctypes.data,
             )  # fmt: skip
             if status != 0:
@@ -398,6 +399,10 @@ class NgramHasher:
         else:
             self._run_numpy(x, r, w, sel, res_np)
         return res
+
+    def _kernel_flags(self) -> int:
+        # bit 0: exact `%` for small moduli; bit 1: portable (non-SIMD) code, for tests.
+        return int(self._exact) | (2 if self._portable_kernel else 0)
 
     def _alloc_out(self, out: Array | None, shape: tuple[int, ...], is_torch: bool) -> Array:
         if out is None:

@@ -118,7 +118,14 @@ def backends(h: NgramHasher):
     def public(x, reset=None, window=None):
         return h._run(np.asarray(x), reset=reset, window=window, out=None, layers=None)
 
-    return {"public": public, "numpy": numpy_path, "torch": torch_path}
+    def portable(x, reset=None, window=None):
+        h._portable_kernel = True
+        try:
+            return public(x, reset, window)
+        finally:
+            h._portable_kernel = False
+
+    return {"public": public, "portable": portable, "numpy": numpy_path, "torch": torch_path}
 
 
 # ----------------------------------------------------------------------------- golden values
