@@ -12,7 +12,7 @@ Reported:
 - engram: `hash_all` (one fused pass over all layers), with a fresh output array and with a
   reused output buffer (what a data loader does); also its numpy fallback and torch paths.
 
-Usage: python benchmarks/bench_hashing.py [--repeats 30] [--batch 8] [--seq 4096]
+Usage: python benchmarks/bench_hashing.py [--rounds 15] [--batch 8] [--seq 4096]
 """
 
 from __future__ import annotations
@@ -91,22 +91,27 @@ class PlainHasher:
         return {layer: self.layer_hashes(x, layer) for layer in LAYERS}
 
 
-def timeit(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call, with the candidates interleaved to share the machine's noise."""
+def timeit(fns: dict, rounds: int, inner: int = 10) -> dict[str, float]:
+    """Median over rounds of the mean seconds per call in a block of ``inner`` calls.
+
+    Candidates alternate block by block, so they share the machine's noise, while each block
+    measures one implementation's steady state (its own allocations reused, as in a loop).
+    """
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, fn in fns.items():
             t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
+            for _ in range(inner):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / inner)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=4096)
     args = ap.parse_args()
@@ -131,7 +136,7 @@ def main() -> None:
         "engram numpy fallback": lambda: ours._run_numpy(x, None, None, sel, buf),
         "engram torch ops": lambda: ours._run_torch(xt, None, None, sel),
     }
-    t = timeit(fns, args.repeats)
+    t = timeit(fns, args.rounds)
     tokens = x.size
     base = t["plain (each layer once)"]
     print(

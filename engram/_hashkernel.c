@@ -21,6 +21,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define ENGRAM_X86 1
@@ -48,34 +49,49 @@ static inline int64_t exact_mod(int64_t sm, int64_t p)
 }
 
 /*
- * Phase 1 (scalar, cheap): ids at lags 0..N-1 of each position of the block, pad past a document
- * start. Phase 2 (vectorizable over positions): the mixes of every layer and order. Phase 3: the
- * K moduli of each mix, written as one output row per (layer, position).
+ * Phase 1: the ids at lags 0..N-1 of each position of the block. Without resets they are shifted
+ * views of one buffer holding the N-1 remembered ids followed by the block (no per-token work);
+ * with resets a scalar pass writes one array per lag, pad past each document start.
+ * Phase 2 (vectorizable over positions): the mixes of every layer and order.
+ * Phase 3 (mod_block_*): the K moduli of each mix, one output row per (layer, position).
+ * lag holds N * (ENGRAM_BLOCK + ENGRAM_MAX_N) ids of scratch.
  */
 static inline __attribute__((always_inline)) void
 fill_block(const int64_t *xb, const uint8_t *rb, int64_t nb, int64_t *w, int64_t pad, int64_t N,
            int64_t L, const int64_t *mult, int64_t *lag, uint64_t *mix)
 {
-    for (int64_t i = 0; i < nb; i++) {
-        if (rb && rb[i])
-            for (int64_t k = 1; k < N; k++) w[k] = pad;
-        w[0] = xb[i];
-        for (int64_t k = 0; k < N; k++) lag[k * ENGRAM_BLOCK + i] = w[k];
-        for (int64_t k = N - 1; k >= 1; k--) w[k] = w[k - 1];
+    const int64_t *src[ENGRAM_MAX_N]; /* src[k][i]: the id at lag k of position i */
+    if (!rb) {
+        int64_t *ext = lag; /* [w[N-1] .. w[1], xb[0] .. xb[nb-1]] */
+        for (int64_t j = 0; j < N - 1; j++) ext[j] = w[N - 1 - j];
+        memcpy(ext + N - 1, xb, sizeof(int64_t) * nb);
+        for (int64_t k = 0; k < N; k++) src[k] = ext + N - 1 - k;
+        for (int64_t k = 1; k < N; k++) w[k] = ext[N - 1 + nb - k];
+    } else {
+        for (int64_t i = 0; i < nb; i++) {
+            if (rb[i])
+                for (int64_t k = 1; k < N; k++) w[k] = pad;
+            w[0] = xb[i];
+            for (int64_t k = 0; k < N; k++) lag[k * ENGRAM_BLOCK + i] = w[k];
+            for (int64_t k = N - 1; k >= 1; k--) w[k] = w[k - 1];
+        }
+        for (int64_t k = 0; k < N; k++) src[k] = lag + k * ENGRAM_BLOCK;
     }
     for (int64_t l = 0; l < L; l++) {
         const uint64_t *m = (const uint64_t *)(mult + l * N);
         for (int64_t n = 1; n < N; n++) {
             uint64_t *__restrict dst = mix + (l * (N - 1) + (n - 1)) * ENGRAM_BLOCK;
-            const uint64_t *__restrict src = n == 1 ? NULL : dst - ENGRAM_BLOCK;
-            const int64_t *__restrict l0 = lag;
-            const int64_t *__restrict ln = lag + n * ENGRAM_BLOCK;
-            const uint64_t m0 = m[0], mn = m[n];
-            if (n == 1)
+            const int64_t *__restrict ln = src[n];
+            const uint64_t mn = m[n];
+            if (n == 1) {
+                const int64_t *__restrict l0 = src[0];
+                const uint64_t m0 = m[0];
                 for (int64_t i = 0; i < nb; i++)
                     dst[i] = ((uint64_t)l0[i] * m0) ^ ((uint64_t)ln[i] * mn);
-            else
-                for (int64_t i = 0; i < nb; i++) dst[i] = src[i] ^ ((uint64_t)ln[i] * mn);
+            } else {
+                const uint64_t *__restrict prev = dst - ENGRAM_BLOCK;
+                for (int64_t i = 0; i < nb; i++) dst[i] = prev[i] ^ ((uint64_t)ln[i] * mn);
+            }
         }
     }
 }
@@ -148,7 +164,7 @@ int engram_hash(const int64_t *x, int64_t B, int64_t T, const uint8_t *reset, in
     const int exact = flags & 1;
     if (N < 2 || N > ENGRAM_MAX_N) return -1;
     const int64_t H = (N - 1) * K;
-    int64_t *lag = (int64_t *)malloc(sizeof(int64_t) * N * ENGRAM_BLOCK);
+    int64_t *lag = (int64_t *)malloc(sizeof(int64_t) * N * (ENGRAM_BLOCK + ENGRAM_MAX_N));
     uint64_t *mix = (uint64_t *)malloc(sizeof(uint64_t) * L * (N - 1) * ENGRAM_BLOCK);
     if (!lag || !mix) {
         free(lag);
