@@ -10,7 +10,8 @@ Reported:
   `_get_ngram_hashes`), each layer hashed once.
 - demo flow: the demo's data flow, where every Engram layer's forward re-hashes all layers.
 - engram: `hash_all` (one fused pass over all layers), with a fresh output array and with a
-  reused output buffer (what a data loader does); also its numpy fallback and torch paths.
+  reused output buffer (what a data loader does); with document resets at a separator; and its
+  numpy fallback and torch paths.
 
 Usage: python benchmarks/bench_hashing.py [--rounds 15] [--batch 8] [--seq 4096]
 """
@@ -33,6 +34,7 @@ from engram.hashing import NgramHasher, kernel_available
 V = 99_092
 SIZES = [129280 * 5, 129280 * 5]
 N, K, LAYERS, PAD, SEED = 3, 8, [1, 15], 2, 0
+SEP = 1  # compressed id used as the end-of-document separator in the resets row
 
 
 def _is_prime(n: int) -> bool:
@@ -125,6 +127,10 @@ def main() -> None:
     for i, layer in enumerate(LAYERS):
         assert np.array_equal(got[i], ref[layer]), f"layer {layer} differs"
     buf = np.empty_like(got)
+    # The same ids with a document separator every ~850 tokens (a Bible chapter's length):
+    # n-grams reset at each boundary. The plain implementation has no resets: informative row.
+    xs = x.copy()
+    xs[:, ::850] = SEP
     xt = torch.from_numpy(x)
     sel = list(range(len(LAYERS)))
 
@@ -133,6 +139,7 @@ def main() -> None:
         "demo flow (re-hash per layer)": lambda: [plain.hash(x) for _ in LAYERS],
         "engram hash_all": lambda: ours.hash_all(x),
         "engram hash_all(out=buf)": lambda: ours.hash_all(x, out=buf),
+        "engram hash_all(sep_id=...)": lambda: ours.hash_all(xs, sep_id=SEP, out=buf),
         "engram numpy fallback": lambda: ours._run_numpy(x, None, None, sel, buf),
         "engram torch ops": lambda: ours._run_torch(xt, None, None, sel),
     }

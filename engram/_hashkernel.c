@@ -49,42 +49,30 @@ static inline int64_t exact_mod(int64_t sm, int64_t p)
 }
 
 /*
- * Phase 1: the ids at lags 0..N-1 of each position of the block. Without resets they are shifted
- * views of one buffer holding the N-1 remembered ids followed by the block (no per-token work);
- * with resets a scalar pass writes one array per lag, pad past each document start.
+ * Phase 1: the ids at lags 0..N-1 of each position of the block are shifted views of one buffer
+ * holding the N-1 remembered ids followed by the block: no per-token work.
  * Phase 2 (vectorizable over positions): the mixes of every layer and order.
- * Phase 3 (mod_block_*): the K moduli of each mix, one output row per (layer, position).
- * lag holds N * (ENGRAM_BLOCK + ENGRAM_MAX_N) ids of scratch.
+ * Phase 2b: a document start at position i changes only positions i..i+N-2 (their lags reaching
+ * before i read pad), so those few mixes are recomputed, and the remembered ids are cut at the
+ * last start. Phase 3 (mod_block_*): the K moduli of each mix, one output row per position.
+ * ext holds ENGRAM_BLOCK + ENGRAM_MAX_N ids of scratch.
  */
 static inline __attribute__((always_inline)) void
 fill_block(const int64_t *xb, const uint8_t *rb, int64_t nb, int64_t *w, int64_t pad, int64_t N,
-           int64_t L, const int64_t *mult, int64_t *lag, uint64_t *mix)
+           int64_t L, const int64_t *mult, int64_t *ext, uint64_t *mix)
 {
-    const int64_t *src[ENGRAM_MAX_N]; /* src[k][i]: the id at lag k of position i */
-    if (!rb) {
-        int64_t *ext = lag; /* [w[N-1] .. w[1], xb[0] .. xb[nb-1]] */
-        for (int64_t j = 0; j < N - 1; j++) ext[j] = w[N - 1 - j];
-        memcpy(ext + N - 1, xb, sizeof(int64_t) * nb);
-        for (int64_t k = 0; k < N; k++) src[k] = ext + N - 1 - k;
-        for (int64_t k = 1; k < N; k++) w[k] = ext[N - 1 + nb - k];
-    } else {
-        for (int64_t i = 0; i < nb; i++) {
-            if (rb[i])
-                for (int64_t k = 1; k < N; k++) w[k] = pad;
-            w[0] = xb[i];
-            for (int64_t k = 0; k < N; k++) lag[k * ENGRAM_BLOCK + i] = w[k];
-            for (int64_t k = N - 1; k >= 1; k--) w[k] = w[k - 1];
-        }
-        for (int64_t k = 0; k < N; k++) src[k] = lag + k * ENGRAM_BLOCK;
-    }
+    /* ext = [w[N-1] .. w[1], xb[0] .. xb[nb-1]]; the id at lag k of position i is ext[N-1+i-k] */
+    for (int64_t j = 0; j < N - 1; j++) ext[j] = w[N - 1 - j];
+    memcpy(ext + N - 1, xb, sizeof(int64_t) * nb);
+    const int64_t *cur = ext + N - 1;
     for (int64_t l = 0; l < L; l++) {
         const uint64_t *m = (const uint64_t *)(mult + l * N);
         for (int64_t n = 1; n < N; n++) {
             uint64_t *__restrict dst = mix + (l * (N - 1) + (n - 1)) * ENGRAM_BLOCK;
-            const int64_t *__restrict ln = src[n];
+            const int64_t *__restrict ln = cur - n;
             const uint64_t mn = m[n];
             if (n == 1) {
-                const int64_t *__restrict l0 = src[0];
+                const int64_t *__restrict l0 = cur;
                 const uint64_t m0 = m[0];
                 for (int64_t i = 0; i < nb; i++)
                     dst[i] = ((uint64_t)l0[i] * m0) ^ ((uint64_t)ln[i] * mn);
@@ -94,6 +82,28 @@ fill_block(const int64_t *xb, const uint8_t *rb, int64_t nb, int64_t *w, int64_t
             }
         }
     }
+    int64_t last_start = -ENGRAM_MAX_N; /* the last document start in this block */
+    if (rb) {
+        for (int64_t i = 0; i < nb; i++) {
+            if (!rb[i]) continue;
+            last_start = i;
+            /* positions j = i .. i+N-2 (before the next start) see pad at lags > j - i */
+            for (int64_t j = i; j < nb && j < i + N - 1; j++) {
+                if (j > i && rb[j]) break;
+                for (int64_t l = 0; l < L; l++) {
+                    const uint64_t *m = (const uint64_t *)(mult + l * N);
+                    uint64_t acc = (uint64_t)cur[j] * m[0];
+                    for (int64_t n = 1; n < N; n++) {
+                        const int64_t id = n <= j - i ? cur[j - n] : pad;
+                        acc ^= (uint64_t)id * m[n];
+                        mix[(l * (N - 1) + (n - 1)) * ENGRAM_BLOCK + j] = acc;
+                    }
+                }
+            }
+        }
+    }
+    /* remembered ids for the next block: lag k of position nb, pad before the last start */
+    for (int64_t k = 1; k < N; k++) w[k] = nb - k >= last_start ? cur[nb - k] : pad;
 }
 
 static void mod_block_portable(const uint64_t *mix, int64_t nb, const int64_t *p, const double *ip,
@@ -136,9 +146,9 @@ mod_block_avx512(const uint64_t *mix, int64_t nb, const int64_t *p, const double
 /* The mixes' int64 products vectorize with AVX-512DQ (vpmullq). */
 __attribute__((target("avx512f,avx512dq"))) static void
 fill_block_avx512(const int64_t *xb, const uint8_t *rb, int64_t nb, int64_t *w, int64_t pad,
-                  int64_t N, int64_t L, const int64_t *mult, int64_t *lag, uint64_t *mix)
+                  int64_t N, int64_t L, const int64_t *mult, int64_t *ext, uint64_t *mix)
 {
-    fill_block(xb, rb, nb, w, pad, N, L, mult, lag, mix);
+    fill_block(xb, rb, nb, w, pad, N, L, mult, ext, mix);
 }
 
 static int have_avx512(void)
@@ -164,10 +174,10 @@ int engram_hash(const int64_t *x, int64_t B, int64_t T, const uint8_t *reset, in
     const int exact = flags & 1;
     if (N < 2 || N > ENGRAM_MAX_N) return -1;
     const int64_t H = (N - 1) * K;
-    int64_t *lag = (int64_t *)malloc(sizeof(int64_t) * N * (ENGRAM_BLOCK + ENGRAM_MAX_N));
+    int64_t *ext = (int64_t *)malloc(sizeof(int64_t) * (ENGRAM_BLOCK + ENGRAM_MAX_N));
     uint64_t *mix = (uint64_t *)malloc(sizeof(uint64_t) * L * (N - 1) * ENGRAM_BLOCK);
-    if (!lag || !mix) {
-        free(lag);
+    if (!ext || !mix) {
+        free(ext);
         free(mix);
         return -2;
     }
@@ -175,7 +185,7 @@ int engram_hash(const int64_t *x, int64_t B, int64_t T, const uint8_t *reset, in
     const int simd = !exact && !(flags & 2) && have_avx512();
 #endif
     for (int64_t b = 0; b < B; b++) {
-        int64_t w[ENGRAM_MAX_N]; /* w[k]: the id seen at lag k; w[0] is the current id */
+        int64_t w[ENGRAM_MAX_N]; /* w[k]: the id seen at ext k; w[0] is the current id */
         for (int64_t k = 1; k < N; k++) w[k] = window ? window[b * (N - 1) + (k - 1)] : pad;
         for (int64_t t0 = 0; t0 < T; t0 += ENGRAM_BLOCK) {
             const int64_t nb = T - t0 < ENGRAM_BLOCK ? T - t0 : ENGRAM_BLOCK;
@@ -183,10 +193,10 @@ int engram_hash(const int64_t *x, int64_t B, int64_t T, const uint8_t *reset, in
             const uint8_t *rb = reset ? reset + b * T + t0 : NULL;
 #ifdef ENGRAM_X86
             if (simd)
-                fill_block_avx512(xb, rb, nb, w, pad, N, L, mult, lag, mix);
+                fill_block_avx512(xb, rb, nb, w, pad, N, L, mult, ext, mix);
             else
 #endif
-                fill_block(xb, rb, nb, w, pad, N, L, mult, lag, mix);
+                fill_block(xb, rb, nb, w, pad, N, L, mult, ext, mix);
             for (int64_t l = 0; l < L; l++) {
                 for (int64_t n = 1; n < N; n++) {
                     const int64_t row = l * (N - 1) + (n - 1);
@@ -205,7 +215,7 @@ int engram_hash(const int64_t *x, int64_t B, int64_t T, const uint8_t *reset, in
         if (window)
             for (int64_t k = 1; k < N; k++) window[b * (N - 1) + (k - 1)] = w[k];
     }
-    free(lag);
+    free(ext);
     free(mix);
     return 0;
 }

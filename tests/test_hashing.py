@@ -393,3 +393,28 @@ def test_cuda_path_matches_cpu():
     s = h.stream(4, device="cuda")
     parts = [s(torch.from_numpy(x[:, t : t + 7]).cuda()) for t in range(0, 300, 7)]
     assert np.array_equal(torch.cat(parts, 2).cpu().numpy(), h.hash_all(x))
+
+
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 0.9])
+def test_long_sequences_with_resets_across_kernel_blocks(density):
+    """Sequences longer than the kernel's 256-token block, resets anywhere (also at block edges,
+    back to back, and at position 0), streamed in chunks that straddle blocks."""
+    h = NgramHasher(**{**SMALL, "engram_vocab_size": [9001, 9011, 9013]})  # fast (non-exact) path
+    assert not h._exact
+    rng = np.random.default_rng(int(density * 100))
+    x = rng.integers(0, 50, size=(3, 1300))
+    reset = rng.random((3, 1300)) < density
+    reset[:, [0, 255, 256, 257, 511, 512, 1023]] = True
+    reset[1] = False  # one sequence without any reset
+    outs = {name: f(x, reset.copy()) for name, f in backends(h).items()}
+    for name, o in outs.items():
+        assert np.array_equal(o, outs["numpy"]), name
+    seg = np.cumsum(reset, axis=1)
+    assert np.array_equal(h.hash_all(x, segment_ids=seg), outs["numpy"])
+    stream = h.stream(3)
+    parts, t = [], 0
+    for size in (1, 254, 3, 300, 1, 1, 500, 240):
+        parts.append(stream(x[:, t : t + size], reset=reset[:, t : t + size]))
+        t += size
+    assert t == 1300
+    assert np.array_equal(np.concatenate(parts, axis=2), outs["numpy"])
