@@ -132,6 +132,8 @@ def main() -> None:
     xs = x.copy()
     xs[:, ::850] = SEP
     xt = torch.from_numpy(x)
+    portable = NgramHasher(V, SIZES, N, K, LAYERS, PAD, SEED)
+    portable._portable_kernel = True  # the scalar code path that CPUs without AVX-512 run
     sel = list(range(len(LAYERS)))
 
     fns = {
@@ -140,6 +142,7 @@ def main() -> None:
         "engram hash_all": lambda: ours.hash_all(x),
         "engram hash_all(out=buf)": lambda: ours.hash_all(x, out=buf),
         "engram hash_all(sep_id=...)": lambda: ours.hash_all(xs, sep_id=SEP, out=buf),
+        "engram, portable C (no AVX-512)": lambda: portable.hash_all(x, out=buf),
         "engram numpy fallback": lambda: ours._run_numpy(x, None, None, sel, buf),
         "engram torch ops": lambda: ours._run_torch(xt, None, None, sel),
     }

@@ -28,6 +28,13 @@
 #include <immintrin.h>
 #endif
 
+/* The portable path still gets a build for AVX2-era CPUs (roundsd, BMI2), picked at load time. */
+#if defined(ENGRAM_X86) && defined(__GNUC__) && !defined(__clang__)
+#define ENGRAM_PORTABLE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define ENGRAM_PORTABLE_CLONES
+#endif
+
 #define ENGRAM_MAX_N 32
 #define ENGRAM_BLOCK 256 /* tokens per block: scratch stays in L1/L2 */
 
@@ -106,6 +113,7 @@ fill_block(const int64_t *xb, const uint8_t *rb, int64_t nb, int64_t *w, int64_t
     for (int64_t k = 1; k < N; k++) w[k] = nb - k >= last_start ? cur[nb - k] : pad;
 }
 
+ENGRAM_PORTABLE_CLONES
 static void mod_block_portable(const uint64_t *mix, int64_t nb, const int64_t *p, const double *ip,
                                int64_t K, int exact, int64_t *o, int64_t H)
 {
