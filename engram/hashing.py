@@ -435,8 +435,7 @@ class NgramHasher:
                 else np.full((B, N - 1), self.pad_id, dtype=np.int64)
             )
         # window[:, k-1] is the id at lag k before x[:, 0]: put it in time order in front of x.
-        hist = xp.flip(window, (1,)) if is_torch else window[:, ::-1]
-        ext = xp.cat([hist, x], 1) if is_torch else np.concatenate([hist, x], axis=1)  # (B, N-1+T)
+        ext = xp.concatenate([xp.flip(window, (1,)), x], axis=1)  # (B, N-1+T)
         shifted = [x]
         if reset is None:
             for k in range(1, N):
@@ -454,11 +453,7 @@ class NgramHasher:
         since = t_idx - start
         for k in range(1, N):
             lag = ext[:, N - 1 - k : N - 1 - k + T]
-            shifted.append(
-                xp.where(since >= k, lag, self.pad_id)
-                if is_torch
-                else np.where(since >= k, lag, self.pad_id)
-            )
+            shifted.append(xp.where(since >= k, lag, self.pad_id))
         return shifted
 
     def _run_numpy(
@@ -481,7 +476,7 @@ class NgramHasher:
                     mods = self._mods_all[li, n - 2]  # (K,)
                     out[j, :, :, (n - 2) * K : (n - 1) * K] = mix[..., None] % mods
         if window is not None:
-            self._advance_window(window, shifted, np)
+            self._advance_window(window, shifted)
 
     def _run_torch(
         self,
@@ -504,7 +499,7 @@ class NgramHasher:
                 cols.append(torch.remainder(mix.unsqueeze(-1), mods[li, n - 2]))  # (B, T, K)
             outs.append(torch.cat(cols, dim=-1))  # (B, T, H)
         if window is not None:
-            self._advance_window(window, shifted, torch)
+            self._advance_window(window, shifted)
         return torch.stack(outs)  # (L, B, T, H)
 
     def _torch_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -517,7 +512,7 @@ class NgramHasher:
             self._torch_consts[device] = consts
         return consts
 
-    def _advance_window(self, window: Array, shifted: list[Array], xp: Any) -> None:
+    def _advance_window(self, window: Array, shifted: list[Array]) -> None:
         """window[:, k-1] <- id at lag k after the chunk = shifted[k-1][:, -1] (in place)."""
         for k in range(1, self.max_ngram_size):
             window[:, k - 1] = shifted[k - 1][:, -1]

@@ -418,3 +418,11 @@ def test_long_sequences_with_resets_across_kernel_blocks(density):
         t += size
     assert t == 1300
     assert np.array_equal(np.concatenate(parts, axis=2), outs["numpy"])
+    # the device (torch) path streams with the same state semantics
+    window = torch.full((3, h.max_ngram_size - 1), h.pad_id, dtype=torch.int64)
+    parts, t = [], 0
+    for size in (7, 600, 1, 692):
+        xc, rc = torch.from_numpy(x[:, t : t + size]), torch.from_numpy(reset[:, t : t + size])
+        parts.append(h._run_torch(xc, rc, window, [0, 1]).numpy())
+        t += size
+    assert np.array_equal(np.concatenate(parts, axis=2), outs["numpy"])
