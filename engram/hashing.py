@@ -565,6 +565,17 @@ class HashStream:
             raise ValueError(f"stream state is on {self.window.device}, ids on {ids.device}")
         return h._run(ids, reset=reset, window=self.window, out=None, layers=None)
 
+    def reorder(self, index: Array) -> HashStream:
+        """A stream whose sequences are ``index`` of this one's (beam search, batch compaction)."""
+        window = self.window[index]
+        window = (
+            window.contiguous()
+            if isinstance(window, torch.Tensor)
+            else np.ascontiguousarray(window)
+        )
+        last = None if self._last_was_sep is None else self._last_was_sep[index]
+        return HashStream(self.hasher, window, last)
+
     def reset(self, rows: Array | None = None) -> None:
         """Start new documents: all sequences, or the selected batch rows."""
         if rows is None:

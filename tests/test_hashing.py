@@ -367,6 +367,20 @@ def test_streaming_token_by_token_demo_config_and_reset():
     assert np.array_equal(again[:, 0], h.hash_all(continued)[:, 0, 10:14])
 
 
+def test_stream_reorder_follows_the_selected_sequences():
+    h = NgramHasher(**SMALL)
+    x = np.random.default_rng(11).integers(1, 50, size=(3, 20))
+    stream = h.stream(3)
+    stream(x[:, :12])
+    picked = stream.reorder(np.array([2, 2, 0]))
+    got = picked(x[[2, 2, 0], 12:])
+    assert np.array_equal(got, h.hash_all(x[[2, 2, 0]])[:, :, 12:])
+    t_stream = h.stream(3, device="cpu")
+    t_stream(torch.from_numpy(x[:, :12]))
+    got_t = t_stream.reorder(torch.tensor([1]))(torch.from_numpy(x[[1], 12:]))
+    assert np.array_equal(got_t.numpy(), h.hash_all(x[[1]])[:, :, 12:])
+
+
 def test_stream_errors():
     h = NgramHasher(**SMALL)
     s = h.stream(2)
