@@ -196,9 +196,12 @@ class Engram(nn.Module):
         total_rows = sum(sizes)
 
         if store is None:
+            # The layer's own per-sub-table check (check_rows) is stricter than the store's
+            # global one, so the default store skips its duplicate reduction on the hot path.
             store = MemoryRowStore(
-                total_rows, self.head_dim, std=table_std, seed=seed, sparse=sparse
-            )
+                total_rows, self.head_dim, std=table_std, seed=seed, sparse=sparse,
+                check_bounds=False,
+            )  # fmt: skip
         if store.num_rows != total_rows or store.dim != self.head_dim:
             raise ValueError(
                 f"store has shape ({store.num_rows}, {store.dim}), expected "
