@@ -187,11 +187,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     dim = args.dim
     sizes = ix.hasher.flat_table_sizes(layer_id)
     engram = Engram.from_config(cfg, dim, sizes, seed=args.seed, table_std=0.02)
-    model = TinyLM(c.vocab_size, dim, engram)
+    embed = nn.Embedding(c.vocab_size, dim)  # hidden states for the forward: token embeddings
     rows0 = torch.from_numpy(all_rows[0, :B])  # (B, T, H) of the first batch
     ids0 = torch.from_numpy(inputs[0])
     with torch.no_grad():
-        h = model.embed(ids0)
+        h = embed(ids0)
         full = engram(h, rows0)
         state = engram.init_conv_state(B)
         parts = []
