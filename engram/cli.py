@@ -2,32 +2,31 @@
 
 Design choices:
 - Every command is a call into the library; the CLI only parses arguments and prints.
-- Bad input (an unknown translation, an empty text, a layer that is not an Engram layer) ends in
-  a one-line ``engram: error: ...`` and exit code 2, never a traceback.
+- Bad input (a missing file, an empty corpus, an unknown config key, a checkpoint from another
+  configuration, ...) ends in a one-line ``engram: error: ...`` and exit code 2, never a
+  traceback; the library raises ``ValueError`` subclasses for all of these.
+- Heavy imports (torch models, matplotlib) happen inside the commands, so ``engram --help`` is fast.
 
-Commands (this release):
-- ``engram demo``: the core memory end to end on the built-in corpus: compression, hashing of
-  packed documents, the Engram layer's forward (full and streamed), and a short run of sparse
-  row updates that trains a tiny next-token model with and without the memory.
-- ``engram info``: the configuration's figures (vocabulary, table sizes, parameters, kernel).
-- ``engram rows TEXT``: which rows each token's n-grams hit in a layer.
+Commands:
+- ``engram demo``: MoE baseline vs its iso-parameter Engram model on the built-in corpus.
+- ``engram train``: train a preset or config file on the built-in corpus or the user's text.
+- ``engram eval``: validation loss and perplexity of a checkpoint.
+- ``engram plan``: the expert/table allocation that matches an MoE's params and FLOPs.
+- ``engram info``: the memory configuration's figures; ``engram rows TEXT``: rows per token.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import time
 from collections.abc import Sequence
-
-import numpy as np
-import torch
-from torch import nn
+from dataclasses import replace
+from pathlib import Path
 
 from engram.config import EngramConfig, small_config
 from engram.hashing import kernel_available
 from engram.indexer import NgramIndexer
-from engram.layer import Engram
 
 
 class CLIError(Exception):
@@ -93,170 +92,97 @@ def cmd_rows(args: argparse.Namespace) -> None:
             print(f"        {gram!r:40s} {list(rows)}")
 
 
-# ----------------------------------------------------------------------------- demo
+# ----------------------------------------------------------------------------- runs
 
 
-class TinyLM(nn.Module):
-    """Token embedding -> (optional Engram) -> LM head: enough to watch the memory learn n-grams.
+def _run_config(args: argparse.Namespace, default_preset: str | None = None):  # -> RunConfig
+    from engram.presets import preset
+    from engram.run_config import RunConfig, apply_overrides
 
-    Without the memory the model is a bigram model (it sees one token); with it, each position
-    also reads its hashed 2- and 3-grams, so it can learn trigram statistics.
-    """
-
-    def __init__(self, vocab: int, dim: int, engram: Engram | None) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.engram = engram
-        self.norm = nn.RMSNorm(dim)
-        self.head = nn.Linear(dim, vocab, bias=False)
-
-    def forward(self, ids: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        h = self.embed(ids)  # (B, T, D)
-        if self.engram is not None:
-            h = h + self.engram(h, rows)
-        return self.head(self.norm(h))  # (B, T, V)
+    if getattr(args, "preset", None) and getattr(args, "config", None):
+        raise CLIError("give either --preset or --config, not both")
+    if getattr(args, "config", None):
+        cfg = RunConfig.load(args.config)
+    elif getattr(args, "preset", None) or default_preset:
+        cfg = preset(args.preset or default_preset)
+    else:
+        raise CLIError("give --preset NAME or --config FILE (see `engram train --help`)")
+    overrides = list(getattr(args, "set", None) or [])
+    if getattr(args, "data", None):
+        overrides.append(f"data.source={json.dumps(str(args.data))}")
+    if getattr(args, "steps", None) is not None:
+        overrides.append(f"train.steps={args.steps}")
+    return apply_overrides(cfg, overrides)
 
 
-def _pack(docs: list[np.ndarray], eot: int, batch: int, seq: int) -> np.ndarray:
-    stream = np.concatenate([np.append(d, eot) for d in docs])
-    n = (len(stream) - 1) // (batch * seq)
-    if n == 0:
-        raise CLIError(f"corpus too small: {len(stream)} tokens for batches of {batch}x{seq}")
-    return stream[: n * batch * seq + 1]
+def cmd_train(args: argparse.Namespace) -> None:
+    from engram.train import train
+
+    cfg = _run_config(args)
+    if args.data and not str(args.data).startswith("builtin") and not Path(args.data).exists():
+        raise CLIError(f"--data {args.data!r} does not exist; expected a file or directory")
+    result = train(cfg, args.out, resume=not args.no_resume, progress=not args.no_progress)
+    c = result.counts
+    print(
+        f"{cfg.name}: step {result.step}, train loss {result.train_loss:.4f}, "
+        + (f"validation loss {result.val_loss:.4f} (ppl {result.val_ppl:.1f}), "
+           if result.val_loss is not None else "")
+        + f"{result.tokens_per_s:,.0f} tokens/s"
+    )  # fmt: skip
+    print(f"params: total {c.total:,}, active {c.active:,}, table {c.table:,}")
+    print(f"run directory: {result.out_dir} (config.json, metrics.jsonl, checkpoints/, loss.png)")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from engram.data import prepare_data
+    from engram.tokenizer import EOT_ID
+    from engram.train import evaluate, load_trained
+
+    parts, ckpt = load_trained(args.ckpt)
+    data_cfg = parts.cfg.data
+    if args.data:
+        if not str(args.data).startswith("builtin") and not Path(args.data).exists():
+            raise CLIError(f"--data {args.data!r} does not exist; expected a file or directory")
+        data_cfg = replace(data_cfg, source=str(args.data))
+    splits = prepare_data(data_cfg, parts.tokenizer, EOT_ID)
+    batches = list(splits.val_batches(args.batches))
+    loss = evaluate(parts.model, batches, parts.indexer)
+    n_tokens = sum(int(y.size) for _, y in batches)
+    result = {
+        "checkpoint": str(ckpt.path),
+        "step": ckpt.step,
+        "data": data_cfg.source,
+        "split": "validation",
+        "tokens": n_tokens,
+        "val_loss": loss,
+        "perplexity": float(__import__("math").exp(loss)),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{ckpt.path} (step {ckpt.step}) on {data_cfg.source} validation split, "
+            f"{n_tokens:,} tokens: loss {loss:.4f}, perplexity {result['perplexity']:.2f}"
+        )
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from engram.plan import format_plan
+    from engram.presets import plan_for
+
+    base = _run_config(args, default_preset="demo-moe")
+    layers = tuple(int(v) for v in args.layers.split(",")) if args.layers else (1,)
+    _, plan = plan_for(base, args.rho, layer_ids=layers)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=1))
+    else:
+        print(format_plan(plan))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from engram.corpus import TRANSLATIONS, iter_builtin_documents
-    from engram.tokenizer import EOT_ID
+    from engram.demo import run_demo
 
-    names = tuple(args.translations.split(","))
-    bad = [n for n in names if n not in TRANSLATIONS]
-    if bad:
-        raise CLIError(f"unknown translation {bad[0]!r}; expected some of {list(TRANSLATIONS)}")
-    torch.manual_seed(args.seed)
-    cfg = _config_from_args(args)
-    layer_id = cfg.layer_ids[0]
-
-    print("== 1. tokenizer compression")
-    t0 = time.perf_counter()
-    ix = NgramIndexer.builtin(cfg)
-    c = ix.compressor
-    print(
-        f"GPT-2 BPE: {c.vocab_size:,} ids -> {c.compressed_vocab_size:,} compressed ids "
-        f"({1 - c.compressed_vocab_size / c.vocab_size:.1%} fewer), ready in {time.perf_counter() - t0:.2f}s"
-    )
-    for word in (" Lord", " LORD", " lord", "Lord"):
-        raw = ix.encode(word)
-        print(f"  {word!r:8s} raw {raw.tolist()} -> compressed {c.compress(raw).tolist()}")
-
-    print("\n== 2. built-in corpus")
-    t0 = time.perf_counter()
-    docs = list(iter_builtin_documents(names))
-    encoded = [ix.encode(d.text) for d in docs]
-    n_tok = sum(len(e) for e in encoded)
-    print(
-        f"{len(docs):,} chapters ({', '.join(names)}), {n_tok:,} tokens, "
-        f"tokenized in {time.perf_counter() - t0:.1f}s; documents packed with <|endoftext|>"
-    )
-
-    print("\n== 3. hashing every Engram layer in one pass, with document resets")
-    rng = np.random.default_rng(args.seed)
-    order = rng.permutation(len(encoded))
-    stream = _pack([encoded[i] for i in order], EOT_ID, args.batch, args.seq)
-    B, T = args.batch, args.seq
-    n_batches = (len(stream) - 1) // (B * T)
-    inputs = stream[:-1].reshape(n_batches, B, T)
-    targets = stream[1:].reshape(n_batches, B, T)
-    t0 = time.perf_counter()
-    all_rows = ix.rows(inputs.reshape(-1, T))  # (L, n_batches*B, T, H)
-    dt = time.perf_counter() - t0
-    print(
-        f"{inputs.size:,} tokens -> rows {tuple(all_rows.shape)} (layers, sequences, time, sub-tables) "
-        f"in {dt * 1e3:.0f} ms ({inputs.size / dt / 1e6:.1f}M tokens/s, "
-        f"{'C kernel' if kernel_available() else 'numpy'})"
-    )
-    phrase = " the LORD of hosts"
-    print(f"rows hit by {phrase!r} in layer {layer_id} (first 2 heads per order):")
-    for hit in ix.explain(phrase, layer_id):
-        print(
-            "  "
-            + "   ".join(f"{g!r}: {list(r[:2])}" for g, r in zip(hit.ngrams, hit.rows, strict=True))
-        )
-
-    print("\n== 4. the Engram layer")
-    dim = args.dim
-    sizes = ix.hasher.flat_table_sizes(layer_id)
-    engram = Engram.from_config(cfg, dim, sizes, seed=args.seed, table_std=0.02)
-    embed = nn.Embedding(c.vocab_size, dim)  # hidden states for the forward: token embeddings
-    rows0 = torch.from_numpy(all_rows[0, :B])  # (B, T, H) of the first batch
-    ids0 = torch.from_numpy(inputs[0])
-    with torch.no_grad():
-        h = embed(ids0)
-        full = engram(h, rows0)
-        state = engram.init_conv_state(B)
-        parts = []
-        for t in range(0, T, 37):
-            y, state = engram(h[:, t : t + 37], rows0[:, t : t + 37], conv_state=state)
-            parts.append(y)
-        streamed = torch.cat(parts, 1)
-        gates = engram.gate(h[:, :, None], engram.lookup(rows0))
-    print(
-        f"table {engram.table_params():,} params in {len(sizes)} sub-tables; dense {engram.dense_params():,}; "
-        f"output {tuple(full.shape)}, mean gate {gates.mean():.3f}; "
-        f"streamed in chunks of 37 == full: max |diff| {(streamed - full).abs().max():.1e}"
-    )
-
-    print(f"\n== 5. {args.steps} training steps, sparse row updates (table lr x5), vs. no memory")
-    results = {}
-    for name, with_memory in (("bigram (no memory)", False), ("with Engram", True)):
-        torch.manual_seed(args.seed)
-        eng = (
-            Engram.from_config(cfg, dim, sizes, seed=args.seed, table_std=0.02)
-            if with_memory
-            else None
-        )
-        lm = TinyLM(c.vocab_size, dim, eng)
-        table = eng.table_parameters() if eng is not None else []
-        table_ids = {id(p) for p in table}
-        dense = [p for p in lm.parameters() if id(p) not in table_ids]
-        opts = [torch.optim.AdamW(dense, lr=args.lr, weight_decay=0.0)]
-        if table:
-            opts.append(torch.optim.SparseAdam(table, lr=args.lr * 5))
-        t0 = time.perf_counter()
-        val = n_batches - 1  # the last batch is held out
-        for step in range(args.steps):
-            i = step % max(1, val)
-            rows = torch.from_numpy(all_rows[0, i * B : (i + 1) * B])
-            logits = lm(torch.from_numpy(inputs[i]), rows)
-            loss = nn.functional.cross_entropy(
-                logits.flatten(0, 1), torch.from_numpy(targets[i]).flatten()
-            )
-            for o in opts:
-                o.zero_grad()
-            loss.backward()
-            if step == 0 and eng is not None:
-                g = eng.store.weight.grad.coalesce()
-                touched = g.indices().shape[1]
-                print(
-                    f"  sparse table gradient: {touched:,} of {eng.store.num_rows:,} rows touched "
-                    f"({touched / eng.store.num_rows:.2%})"
-                )
-            for o in opts:
-                o.step()
-        with torch.no_grad():
-            rows = torch.from_numpy(all_rows[0, val * B : (val + 1) * B])
-            vl = nn.functional.cross_entropy(
-                lm(torch.from_numpy(inputs[val]), rows).flatten(0, 1),
-                torch.from_numpy(targets[val]).flatten(),
-            )
-        results[name] = (loss.item(), vl.item(), time.perf_counter() - t0)
-        print(
-            f"  {name:20s} train loss {loss.item():.3f}  held-out loss {vl.item():.3f}  ({results[name][2]:.1f}s)"
-        )
-    print(
-        "\nThe memory's n-gram rows are learned with sparse updates; the full training pipeline and"
-    )
-    print("the iso-parameter MoE comparison come with `engram train` (see README).")
+    run_demo(args.out, quick=args.quick, progress=not args.no_progress)
 
 
 # ----------------------------------------------------------------------------- main
@@ -270,16 +196,48 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--layers", help="comma-separated 0-based Engram layer ids (default: 1)")
         sp.add_argument("--table-size", type=int, help="target rows per sub-table (default 20000)")
 
-    d = sub.add_parser("demo", help="run the core memory end to end on the built-in corpus")
-    common(d)
-    d.add_argument("--translations", default="kjv,web", help="built-in translations to use")
-    d.add_argument("--batch", type=int, default=8)
-    d.add_argument("--seq", type=int, default=128)
-    d.add_argument("--dim", type=int, default=64)
-    d.add_argument("--steps", type=int, default=40)
-    d.add_argument("--lr", type=float, default=3e-3)
-    d.add_argument("--seed", type=int, default=0)
+    def run_source(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--preset", help="a named configuration (see `engram train --help`)")
+        sp.add_argument("--config", help="a run config JSON file (as written to config.json)")
+        sp.add_argument(
+            "--set", action="append", metavar="KEY=VALUE",
+            help="override a config value, e.g. train.steps=100 or model.d_model=64 (repeatable)",
+        )  # fmt: skip
+
+    from engram.presets import PRESETS
+
+    d = sub.add_parser(
+        "demo", help="train an MoE baseline and its iso-parameter Engram model, compare them"
+    )
+    d.add_argument("--out", default="engram-demo", help="output directory (default engram-demo)")
+    d.add_argument("--quick", action="store_true", help="a smaller run for a smoke test (< 3 min)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train a model", description=f"presets: {', '.join(PRESETS)}")
+    run_source(t)
+    t.add_argument("--data", help="builtin[:kjv,web,...], or a .txt/.jsonl/.parquet file or dir")
+    t.add_argument("--out", required=True, help="run directory (resumed if it holds a run)")
+    t.add_argument("--steps", type=int, help="total optimizer steps (train.steps)")
+    t.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
+    e.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
+    e.add_argument(
+        "--data", help="data to evaluate on (default: the run's own); its validation split"
+    )
+    e.add_argument("--batches", type=int, help="evaluate at most this many batches (default all)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("plan", help="allocate a sparse budget between experts and Engram tables")
+    run_source(pl)
+    pl.add_argument("--rho", type=float, default=0.75, help="fraction kept in routed experts")
+    pl.add_argument("--layers", help="comma-separated 0-based Engram layer ids (default: 1)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=cmd_plan)
 
     i = sub.add_parser("info", help="print the memory's figures for a configuration")
     common(i)
@@ -295,16 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("batch", "seq", "dim", "steps"):
+    for name in ("steps", "batches"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             print(f"engram: error: --{name} must be >= 1, got {value}", file=sys.stderr)
             return 2
     try:
         args.func(args)
-    except (CLIError, ValueError, FileNotFoundError) as exc:
-        print(f"engram: error: {exc}", file=sys.stderr)
+    except (CLIError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        msg = " ".join(str(exc).split())
+        print(f"engram: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("engram: interrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -82,7 +82,7 @@ class NgramIndexer:
             raise ValueError(f"explain takes one sequence (T,), got shape {ids.shape}")
         rows = self.hasher.hash(self.compressor.compress(ids[None]), layer_id)[0]  # (T, H)
         K, N = self.cfg.n_head_per_ngram, self.cfg.max_ngram_size
-        words = [self._token_text(int(t)) for t in ids]
+        words = [self.token_text(int(t)) for t in ids]
         out = []
         for t, word in enumerate(words):
             grams = []
@@ -95,7 +95,8 @@ class NgramIndexer:
             out.append(TokenRows(t, word, tuple(grams), per_order))
         return out
 
-    def _token_text(self, token_id: int) -> str:
+    def token_text(self, token_id: int) -> str:
+        """One raw token as text (special tokens kept), or ``[id]`` without a tokenizer."""
         if self.tokenizer is None:
             return f"[{token_id}]"
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

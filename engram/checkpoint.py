@@ -1,0 +1,312 @@
+"""Checkpoints: safetensors for tensors, one json for everything else, written atomically.
+
+Layout of one checkpoint directory (``<run>/checkpoints/step-000300/``)::
+
+    model.safetensors      model state (tables included; a tied weight stored once)
+    optimizer.safetensors  every optimizer-state tensor, keyed ``<optimizer>/<index>/<name>``
+    state.json             format version, step, the run config, hash-configuration fingerprint,
+                           optimizer param-group settings, RNG states, sha256 of both files
+
+and ``<run>/checkpoints/LATEST`` names the newest complete one.
+
+Design choices:
+- Atomic: a checkpoint is written into a hidden temporary directory beside its final name, every
+  file fsynced, then renamed into place; ``LATEST`` is replaced (temp file + ``os.replace``) only
+  after that. A crash at any point leaves the previous checkpoint and pointer intact.
+- Integrity: ``state.json`` records the sha256 of both tensor files; loading verifies them, so a
+  truncated or corrupted file is refused with a message naming it instead of loading garbage.
+- The hash configuration's fingerprint is stored; a checkpoint whose tables were addressed by a
+  different hashing (other seed, primes, tokenizer compression...) is refused before any weight is
+  touched, because its rows would silently mean different n-grams.
+- Optimizer state is flattened into named tensors (safetensors holds tensors only); the
+  non-tensor rest (param-group hyper-parameters) goes into the json. Loading rebuilds the
+  ``state_dict`` that ``torch.optim.Optimizer.load_state_dict`` expects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+FORMAT_VERSION = 1
+LATEST = "LATEST"
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged, or made for another configuration."""
+
+
+@dataclass
+class Checkpoint:
+    """What `load_checkpoint` read: the directory and its json state."""
+
+    path: Path
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.state["config"]
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write `text` to `path` via a temp file in the same directory and `os.replace`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (CPU, and CUDA when present) global RNG states, json-ready."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_s = state["numpy"]
+    np.random.set_state((np_s[0], np.asarray(np_s[1], dtype=np.uint32), *np_s[2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _flatten_optimizers(
+    optim_state: Mapping[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """{name: optimizer.state_dict()} -> (named tensors, json-able rest)."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {}
+    for name, sd in optim_state.items():
+        scalars: dict[str, dict[str, Any]] = {}
+        for idx, per_param in sd["state"].items():
+            for key, value in per_param.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{name}/{idx}/{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(str(idx), {})[key] = value
+        meta[name] = {"param_groups": sd["param_groups"], "scalars": scalars}
+    return tensors, meta
+
+
+def _unflatten_optimizers(
+    tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, info in meta.items():
+        state: dict[int, dict[str, Any]] = {}
+        for idx, scalars in info["scalars"].items():
+            state.setdefault(int(idx), {}).update(scalars)
+        out[name] = {"state": state, "param_groups": info["param_groups"]}
+    for key, value in tensors.items():
+        name, idx, field = key.split("/", 2)
+        if name not in out:
+            raise CheckpointError(f"optimizer tensor {key!r} belongs to no optimizer in the json")
+        out[name]["state"].setdefault(int(idx), {})[field] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------- save/load
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def save_checkpoint(
+    ckpt_root: str | os.PathLike[str],
+    step: int,
+    model: nn.Module,
+    optimizer_state: Mapping[str, Any] | None,
+    state: Mapping[str, Any],
+    keep: int = 0,
+) -> Path:
+    """Write checkpoint `step` under `ckpt_root` atomically and point LATEST at it.
+
+    `state` is json-able run information (config, fingerprints, metrics...); the step, RNG states,
+    file hashes and format version are added here. `keep` > 0 deletes all but the newest `keep`
+    checkpoints afterwards. Returns the checkpoint directory.
+    """
+    root = Path(ckpt_root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    try:
+        save_model(model, str(tmp / MODEL_FILE))
+        files = [MODEL_FILE]
+        meta: dict[str, Any] = {}
+        if optimizer_state is not None:
+            tensors, meta = _flatten_optimizers(optimizer_state)
+            save_file(tensors, str(tmp / OPTIM_FILE))
+            files.append(OPTIM_FILE)
+        full = dict(state)
+        full.update(
+            format_version=FORMAT_VERSION,
+            step=int(step),
+            optimizer=meta,
+            rng=rng_state(),
+            sha256={f: _sha256(tmp / f) for f in files},
+        )
+        (tmp / STATE_FILE).write_text(json.dumps(full, indent=1), encoding="utf-8")
+        for f in [*files, STATE_FILE]:
+            _fsync(tmp / f)
+        if final.exists():  # re-saving the same step: swap, never leave a gap without one
+            old = root / f".{final.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / LATEST, final.name + "\n")
+    if keep > 0:
+        steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+        for p in steps[:-keep]:
+            if p != final:
+                shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint directory from a run dir, a checkpoints dir (via LATEST) or the dir itself."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path {str(p)!r} does not exist")
+    for candidate in (p, p / "checkpoints"):
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+        latest = candidate / LATEST
+        if latest.is_file():
+            name = latest.read_text(encoding="utf-8").strip()
+            target = candidate / name
+            if not (target / STATE_FILE).is_file():
+                raise CheckpointError(
+                    f"{latest} points at {name!r}, which is not a complete checkpoint"
+                )
+            return target
+    raise CheckpointError(
+        f"no checkpoint found at {str(p)!r}: expected a directory with {STATE_FILE}, "
+        f"or a run/checkpoints directory with a {LATEST} file"
+    )
+
+
+def find_latest(ckpt_root: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint LATEST points at under `ckpt_root`, or None if there is none yet."""
+    root = Path(ckpt_root)
+    if not (root / LATEST).is_file():
+        return None
+    return resolve_checkpoint(root)
+
+
+def read_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Checkpoint:
+    """Read and validate a checkpoint's json (and, with `verify`, its files' sha256)."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{ckpt / STATE_FILE} is unreadable or corrupt: {e}") from e
+    version = state.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{ckpt} has checkpoint format version {version!r}; this engram reads {FORMAT_VERSION}"
+        )
+    if verify:
+        for name, digest in state.get("sha256", {}).items():
+            f = ckpt / name
+            if not f.is_file():
+                raise CheckpointError(f"checkpoint file {f} is missing")
+            if _sha256(f) != digest:
+                raise CheckpointError(
+                    f"checkpoint file {f} is corrupt or truncated (sha256 does not match the "
+                    f"one recorded in {STATE_FILE})"
+                )
+    return Checkpoint(ckpt, state)
+
+
+def check_fingerprint(ckpt: Checkpoint, expected: str | None) -> None:
+    """Refuse a checkpoint whose hash-configuration fingerprint differs from `expected`."""
+    stored = ckpt.state.get("hash_fingerprint")
+    if stored != expected:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} was trained with hash configuration "
+            f"{(stored or 'none (no Engram)')[:16]}, but this model's is "
+            f"{(expected or 'none (no Engram)')[:16]}: its table rows would address different "
+            "n-grams; use the checkpoint's own config (engram_cfg, tokenizer) to load it"
+        )
+
+
+def load_model_weights(ckpt: Checkpoint, model: nn.Module) -> None:
+    """Load the checkpoint's model tensors into `model` (strict: every key must match)."""
+    try:
+        missing, unexpected = load_model(model, str(ckpt.path / MODEL_FILE), strict=False)
+    except Exception as e:  # safetensors raises several kinds on damaged/mismatched files
+        raise CheckpointError(f"cannot load {ckpt.path / MODEL_FILE} into the model: {e}") from e
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} does not fit this model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+
+
+def load_optimizer_state(ckpt: Checkpoint) -> dict[str, Any] | None:
+    """The `{name: state_dict}` saved with the checkpoint, or None if it has none."""
+    f = ckpt.path / OPTIM_FILE
+    if not f.is_file():
+        return None
+    return _unflatten_optimizers(load_file(str(f)), ckpt.state.get("optimizer", {}))

@@ -1,0 +1,209 @@
+"""`engram demo`: an MoE baseline and its iso-parameter Engram model, trained and compared.
+
+Design choices:
+- Everything here is a call into the library (planner, `train`, gate reading, plots); the demo
+  only chooses the two configurations (`engram.presets`) and lays out the results, so a user can
+  reproduce any row of its table with `engram train --preset ...`.
+- Both models see the same tokens in the same order (batches are a pure function of seed and
+  step) and are validated on the same held-out chapters, so their losses are a paired comparison.
+- The run directory is resumable: running the demo again into the same directory continues (or,
+  when finished, just re-reports) each model from its checkpoint instead of starting over.
+- The summary table reads each run's `metrics.jsonl`, so it reports the same numbers whether the
+  runs were trained now or earlier.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engram.analysis.gates import GateReading, gate_values
+from engram.checkpoint import atomic_write_text
+from engram.data import prepare_data
+from engram.plan import Plan, format_plan
+from engram.plots import plot_gate_heatmap, plot_loss_curves
+from engram.presets import DEMO_RHO, demo_moe, plan_for, quick_moe
+from engram.run_config import RunConfig
+from engram.tokenizer import EOT_ID, load_builtin_tokenizer
+from engram.train import METRICS_FILE, load_trained, train
+
+# Multi-token names and fixed phrases from the corpus' world (not a training sentence verbatim).
+GATE_SENTENCE = (
+    "And Nebuchadnezzar the king of Babylon went up against Jerusalem, and Melchizedek "
+    "king of Salem brought forth bread and wine unto the children of Israel."
+)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One trained model's row of the comparison table."""
+
+    name: str
+    out_dir: Path
+    total_params: int
+    active_params: int
+    table_params: int
+    routed_experts: int
+    steps: int
+    tokens: int
+    tokens_per_s: float
+    step_s: float
+    val_loss: float
+
+    @property
+    def val_ppl(self) -> float:
+        return math.exp(self.val_loss)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(vars(self))
+        d["out_dir"] = str(self.out_dir)
+        d["val_ppl"] = self.val_ppl
+        return d
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    plan: Plan
+    baseline: RunSummary
+    engram: RunSummary
+    gates: GateReading
+    loss_png: Path
+    gate_png: Path
+    summary_json: Path
+
+
+def demo_configs(quick: bool = False) -> tuple[RunConfig, RunConfig, Plan]:
+    """The MoE baseline, its Engram counterpart (rho = 0.75) and the plan relating them."""
+    base = quick_moe() if quick else demo_moe()
+    engram_cfg, plan = plan_for(base, DEMO_RHO, name="engram")
+    return base, engram_cfg, plan
+
+
+def summarize(cfg: RunConfig, out_dir: Path, counts: Any) -> RunSummary:
+    """The table row of a finished run, from its metrics file."""
+    records = [
+        json.loads(line)
+        for line in (out_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()
+        if line
+    ]
+    steps = [r for r in records if "step_s" in r]
+    vals = [r for r in records if "val_loss" in r]
+    if not steps or not vals:
+        raise ValueError(f"{out_dir / METRICS_FILE} holds no finished run")
+    timed = [r["step_s"] for r in steps[1:]] or [steps[0]["step_s"]]
+    step_s = statistics.median(timed)
+    tokens_per_step = cfg.train.grad_accum * cfg.data.batch_size * cfg.data.seq_len
+    return RunSummary(
+        name=cfg.name,
+        out_dir=out_dir,
+        total_params=counts.total,
+        active_params=counts.active,
+        table_params=counts.table,
+        routed_experts=cfg.model.n_routed_experts,
+        steps=steps[-1]["step"],
+        tokens=steps[-1]["tokens"],
+        tokens_per_s=tokens_per_step / step_s,
+        step_s=step_s,
+        val_loss=vals[-1]["val_loss"],
+    )
+
+
+def format_summary(a: RunSummary, b: RunSummary) -> str:
+    """Side-by-side table of two runs (baseline first)."""
+    rows = [
+        ("total params", f"{a.total_params:,}", f"{b.total_params:,}"),
+        ("active params / token", f"{a.active_params:,}", f"{b.active_params:,}"),
+        ("Engram table params", f"{a.table_params:,}", f"{b.table_params:,}"),
+        ("routed experts", f"{a.routed_experts}", f"{b.routed_experts}"),
+        ("training tokens", f"{a.tokens:,}", f"{b.tokens:,}"),
+        ("tokens/s (train)", f"{a.tokens_per_s:,.0f}", f"{b.tokens_per_s:,.0f}"),
+        ("step time (median)", f"{a.step_s * 1000:.0f} ms", f"{b.step_s * 1000:.0f} ms"),
+        ("validation loss", f"{a.val_loss:.4f}", f"{b.val_loss:.4f}"),
+        ("validation perplexity", f"{a.val_ppl:.1f}", f"{b.val_ppl:.1f}"),
+    ]
+    head = ("", a.name, b.name)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
+
+    def line(r: tuple[str, str, str]) -> str:
+        return f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}"
+
+    return "\n".join([line(head), *(line(r) for r in rows)])
+
+
+def run_demo(
+    out_dir: str | os.PathLike[str] = "engram-demo",
+    *,
+    quick: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> DemoResult:
+    """Plan, train both models, compare, and draw the loss curves and a gate heatmap."""
+    out = Path(out_dir)
+    base_cfg, engram_cfg, plan = demo_configs(quick)
+    echo(f"== plan: the Engram model keeps rho={DEMO_RHO} of the MoE's sparse budget in experts")
+    echo(format_plan(plan))
+    echo("")
+    tokenizer = load_builtin_tokenizer()
+    data = prepare_data(base_cfg.data, tokenizer, EOT_ID)
+    echo(
+        f"== data: {base_cfg.data.source}, {data.n_train_docs:,} training / {data.n_val_docs:,} "
+        f"validation documents ({data.n_train_tokens:,} / {data.n_val_tokens:,} tokens)"
+    )
+    summaries = []
+    for cfg in (base_cfg, engram_cfg):
+        run_dir = out / cfg.name
+        echo(f"== training {cfg.name} -> {run_dir}")
+        result = train(cfg, run_dir, progress=progress, data=data)
+        summaries.append(summarize(cfg, run_dir, result.counts))
+    base, eng = summaries
+
+    echo("")
+    echo(format_summary(base, eng))
+    delta = eng.val_loss - base.val_loss
+    speed = eng.step_s / base.step_s - 1.0
+    echo(
+        f"Engram vs MoE: validation loss {delta:+.4f} nats/token, step time {speed:+.1%} "
+        f"(same total params, same active params within {abs(plan.active_gap):.2%})"
+    )
+
+    loss_png = plot_loss_curves(
+        {s.name: _records(s.out_dir) for s in summaries},
+        out / "loss_curves.png",
+        title=f"MoE vs Engram (rho={DEMO_RHO}) on {base_cfg.data.source}",
+    )
+    parts, _ = load_trained(eng.out_dir)
+    assert parts.indexer is not None
+    reading = gate_values(parts.model, parts.indexer, GATE_SENTENCE)
+    gate_png = plot_gate_heatmap(
+        reading.tokens,
+        {f"layer {lid}": g for lid, g in reading.gates.items()},
+        out / "gate_heatmap.png",
+        title="Engram gate per token (0-based layer ids)",
+    )
+    summary_json = out / "summary.json"
+    atomic_write_text(
+        summary_json,
+        json.dumps(
+            {
+                "plan": plan.to_dict(),
+                "baseline": base.to_dict(),
+                "engram": eng.to_dict(),
+                "gates": reading.to_dict(),
+            },
+            indent=1,
+        )
+        + "\n",
+    )
+    echo(f"wrote {loss_png}, {gate_png} and {summary_json}")
+    return DemoResult(plan, base, eng, reading, loss_png, gate_png, summary_json)
+
+
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    text = (run_dir / METRICS_FILE).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line]

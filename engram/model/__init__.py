@@ -1,0 +1,35 @@
+"""The transformer backbone that hosts Engram layers.
+
+One module each: ``config`` (`ModelConfig`), ``attention`` (RoPE causal self-attention),
+``ffn`` (dense SwiGLU and the DeepSeek-V3-style MoE), ``hyper`` (hyper-connections) and
+``transformer`` (`Block`, `EngramLM`, exact parameter and FLOP accounting).
+"""
+
+from engram.model.attention import CausalSelfAttention, RotaryEmbedding
+from engram.model.config import ModelConfig
+from engram.model.ffn import MoE, Routing, SwiGLU
+from engram.model.hyper import HyperConnection
+from engram.model.transformer import (
+    Block,
+    EngramLM,
+    LMOutput,
+    ParamCounts,
+    count_params,
+    flops_per_token,
+)
+
+__all__ = [
+    "Block",
+    "CausalSelfAttention",
+    "EngramLM",
+    "HyperConnection",
+    "LMOutput",
+    "MoE",
+    "ModelConfig",
+    "ParamCounts",
+    "RotaryEmbedding",
+    "Routing",
+    "SwiGLU",
+    "count_params",
+    "flops_per_token",
+]

@@ -1,0 +1,113 @@
+"""PNG figures: loss curves of one or more runs, and gate values drawn over a sentence.
+
+Design choices:
+- matplotlib with the non-interactive Agg backend, chosen explicitly through `Figure` objects
+  (no pyplot global state), so plotting works headless and never touches a user's backend.
+- Files are written atomically (temp file + rename), like every other output of the library.
+- Training curves are smoothed with an exponential moving average (raw values stay in the
+  metrics file); validation points are drawn unsmoothed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def _save(fig: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _ema(values: Sequence[float], alpha: float = 0.1) -> np.ndarray:
+    out = np.empty(len(values))
+    acc = None
+    for i, v in enumerate(values):
+        acc = v if acc is None else (1 - alpha) * acc + alpha * v
+        out[i] = acc
+    return out
+
+
+def plot_loss_curves(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: str | os.PathLike[str],
+    title: str = "training and validation loss",
+) -> Path:
+    """One line per run (EMA of train loss vs tokens) plus its validation points."""
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    for i, (name, records) in enumerate(runs.items()):
+        color = colors[i % len(colors)]
+        train = [r for r in records if "loss" in r]
+        if train:
+            tokens = np.array([r["tokens"] for r in train], dtype=float)
+            ax.plot(tokens, _ema([r["loss"] for r in train]), color=color, lw=1.5,
+                    label=f"{name} train (EMA)")  # fmt: skip
+        val = [r for r in records if "val_loss" in r]
+        if val:
+            ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o--", color=color,
+                    ms=4, lw=1, label=f"{name} validation")  # fmt: skip
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_gate_heatmap(
+    tokens: Sequence[str],
+    gates: Mapping[str, np.ndarray],
+    path: str | os.PathLike[str],
+    title: str = "Engram gate per token",
+) -> Path:
+    """A heatmap with one row per (layer, branch) and one column per token.
+
+    `gates` maps a row label (e.g. "layer 1") to an array (T,) or (T, M) of gate values in [0, 1].
+    """
+    labels: list[str] = []
+    rows: list[np.ndarray] = []
+    for name, g in gates.items():
+        g = np.asarray(g, dtype=float)
+        if g.ndim == 1:
+            g = g[:, None]
+        if g.shape[0] != len(tokens):
+            raise ValueError(
+                f"gates[{name!r}] has {g.shape[0]} positions, expected {len(tokens)} tokens"
+            )
+        for m in range(g.shape[1]):
+            labels.append(name if g.shape[1] == 1 else f"{name} branch {m}")
+            rows.append(g[:, m])
+    data = np.stack(rows)  # (rows, T)
+    width = max(6.0, 0.42 * len(tokens) + 1.5)
+    fig = Figure(figsize=(width, 1.0 + 0.55 * len(rows) + 1.2))
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    shown = [t.replace("\n", "\\n") for t in tokens]
+    ax.set_xticks(range(len(tokens)), shown, rotation=60, ha="right", fontsize=9)
+    ax.set_yticks(range(len(labels)), labels, fontsize=9)
+    for r in range(data.shape[0]):
+        for c in range(data.shape[1]):
+            ax.text(c, r, f"{data[r, c]:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if data[r, c] < 0.6 else "black")  # fmt: skip
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="gate a")
+    return _save(fig, path)

@@ -1,0 +1,167 @@
+"""Named run configurations: the demo's MoE baseline and its iso-parameter Engram model.
+
+Design choices:
+- Presets are functions returning a `RunConfig`, listed in one read-only registry, so
+  `engram train --preset NAME` and the Python API build exactly the same thing.
+- An Engram preset is never written by hand: it is the allocation planner applied to its
+  baseline (`engram.plan.plan_allocation`), so "same total parameters, same active FLOPs" holds
+  by construction and stays true when the baseline changes.
+- Sizes are chosen for 2 CPU cores: the GPT-2 output layer (50,257 x d) is most of a step's
+  work at this scale, so the backbone is small and the sparse budget (experts vs tables) is
+  where the models differ. The demo trains on the King James Version only: the five built-in
+  translations are parallel texts, and a chapter held out in one translation would be
+  near-duplicated by its siblings in the training split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from types import MappingProxyType
+
+from engram.compress import TokenizerCompressor
+from engram.config import EngramConfig
+from engram.data import DataConfig
+from engram.model import ModelConfig
+from engram.optim import OptimConfig
+from engram.plan import Plan, plan_allocation
+from engram.run_config import RunConfig, TrainConfig
+from engram.tokenizer import EOT_ID, load_builtin_tokenizer
+
+# The fraction of the sparse budget kept in routed experts (the paper's optimum: 75-80%).
+DEMO_RHO = 0.75
+
+
+def _builtin_compressor() -> TokenizerCompressor:
+    return TokenizerCompressor.from_tokenizer(load_builtin_tokenizer())
+
+
+def engram_template(layer_ids: tuple[int, ...] = (1,)) -> EngramConfig:
+    """The memory's shape for the small presets (sizes are filled in by the planner)."""
+    return EngramConfig(
+        engram_vocab_size=(10_007, 10_007),  # replaced by the planner
+        max_ngram_size=3,  # orders 2 and 3, as the paper
+        n_embed_per_ngram=64,  # 4 heads x 16 dims per order: memory width 128 = d_model
+        n_head_per_ngram=4,
+        layer_ids=layer_ids,  # 0-based: the paper's "layer 2", after one attention layer
+        pad_id=EOT_ID,
+        seed=0,
+    )
+
+
+def plan_for(baseline: RunConfig, rho: float = DEMO_RHO, name: str | None = None,
+             layer_ids: tuple[int, ...] = (1,)) -> tuple[RunConfig, Plan]:  # fmt: skip
+    """The iso-parameter, iso-FLOP Engram version of an MoE baseline run, and its plan."""
+    comp = _builtin_compressor()
+    plan = plan_allocation(
+        baseline.model,
+        engram_template(layer_ids),
+        rho,
+        compressed_vocab_size=comp.compressed_vocab_size,
+        pad_id=comp.compress_id(EOT_ID),
+        seq_len=baseline.data.seq_len,
+    )
+    cfg = replace(baseline, name=name or f"engram-rho{rho:g}", model=plan.model, engram=plan.engram)
+    return cfg, plan
+
+
+def demo_moe() -> RunConfig:
+    """The demo's MoE baseline: 4 layers, d=128, 32 routed experts (top-2) + 1 shared."""
+    return RunConfig(
+        name="moe",
+        model=ModelConfig(
+            vocab_size=50257,
+            d_model=128,
+            n_layers=4,
+            n_heads=4,
+            max_seq_len=128,
+            ffn="moe",
+            n_routed_experts=32,
+            moe_top_k=2,
+            n_shared_experts=1,
+            d_expert=128,
+        ),
+        data=DataConfig(source="builtin:kjv", seq_len=128, batch_size=16, val_fraction=0.05),
+        optim=OptimConfig(lr=3e-3, warmup_steps=20, min_lr_ratio=0.1),
+        train=TrainConfig(steps=250, eval_every=50, eval_batches=24, log_every=10),
+    )
+
+
+def demo_engram() -> RunConfig:
+    """The demo's Engram model: `demo_moe` with rho=0.75 of its sparse budget left in experts."""
+    return plan_for(demo_moe(), DEMO_RHO, name="engram")[0]
+
+
+def quick_moe() -> RunConfig:
+    """A smoke-test-sized `demo_moe` (under 3 minutes for both models)."""
+    base = demo_moe()
+    return replace(
+        base,
+        data=replace(base.data, batch_size=8),
+        optim=replace(base.optim, warmup_steps=10),
+        train=replace(base.train, steps=60, eval_every=30, eval_batches=8),
+    )
+
+
+def quick_engram() -> RunConfig:
+    return plan_for(quick_moe(), DEMO_RHO, name="engram")[0]
+
+
+def tiny_moe() -> RunConfig:
+    """Seconds-long runs for tests and trying the CLI: 2 layers, d=32, 8 experts."""
+    return RunConfig(
+        name="tiny-moe",
+        model=ModelConfig(
+            vocab_size=50257,
+            d_model=32,
+            n_layers=2,
+            n_heads=2,
+            max_seq_len=64,
+            ffn="moe",
+            n_routed_experts=8,
+            moe_top_k=2,
+            n_shared_experts=1,
+            d_expert=32,
+        ),
+        data=DataConfig(source="builtin:kjv", seq_len=32, batch_size=4, val_fraction=0.05),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2),
+        train=TrainConfig(steps=6, eval_every=3, eval_batches=2, log_every=1),
+    )
+
+
+def tiny_engram() -> RunConfig:
+    base = tiny_moe()
+    comp = _builtin_compressor()
+    template = replace(engram_template((1,)), n_embed_per_ngram=16, n_head_per_ngram=2)
+    plan = plan_allocation(
+        base.model, template, 0.5,
+        compressed_vocab_size=comp.compressed_vocab_size,
+        pad_id=comp.compress_id(EOT_ID), seq_len=base.data.seq_len, tolerance=0.05,
+    )  # fmt: skip
+    return replace(base, name="tiny-engram", model=plan.model, engram=plan.engram)
+
+
+def dense() -> RunConfig:
+    """A dense SwiGLU baseline with the demo's backbone (no experts, no memory)."""
+    base = demo_moe()
+    return replace(base, name="dense", model=replace(base.model, ffn="dense", d_ff=384))
+
+
+PRESETS: Mapping[str, Callable[[], RunConfig]] = MappingProxyType(
+    {
+        "demo-moe": demo_moe,
+        "demo-engram": demo_engram,
+        "quick-moe": quick_moe,
+        "quick-engram": quick_engram,
+        "tiny-moe": tiny_moe,
+        "tiny-engram": tiny_engram,
+        "dense": dense,
+    }
+)
+
+
+def preset(name: str) -> RunConfig:
+    """The run configuration called `name` (see `PRESETS`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,342 @@
+"""The training loop: build a run from its config, train, validate, checkpoint, resume.
+
+Design choices:
+- `train(cfg, out_dir)` is the whole job and the CLI calls nothing else. A run directory holds
+  `config.json` (the resolved config), `metrics.jsonl` (one record per step, plus validation
+  records), `checkpoints/` and `loss.png`, so any figure traces back to what produced it.
+- Batches are a pure function of (seed, step) (see `engram.data`), model init is seeded, and the
+  router-bias update and the optimizers' state are checkpointed, so resuming from a checkpoint
+  replays exactly the losses an uninterrupted run produces (proven in the tests). On resume the
+  metrics file is cut back to the checkpoint's step before appending.
+- Hash rows are computed by the loader's background thread while the previous step runs; the
+  time the step waited for its batch is logged (`wait_s`), so "hashing is off the critical path"
+  is a measured claim per run.
+- Tables are addressed by the hash configuration; the checkpoint stores its fingerprint and
+  `load_trained`/resume refuse a mismatch before touching weights.
+- Timing: `step_s` covers forward, backward and the optimizer step of one optimizer step
+  (including waiting for data); validation and checkpoint writes are excluded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from engram.checkpoint import (
+    Checkpoint,
+    atomic_write_text,
+    check_fingerprint,
+    find_latest,
+    load_model_weights,
+    load_optimizer_state,
+    read_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from engram.compress import TokenizerCompressor
+from engram.data import BatchLoader, DataSplits, prepare_data
+from engram.indexer import NgramIndexer
+from engram.model import EngramLM, ParamCounts
+from engram.optim import build_optimizer, lr_multiplier
+from engram.run_config import ConfigError, RunConfig
+from engram.tokenizer import EOT_ID, load_builtin_tokenizer
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class RunParts:
+    """A built run: tokenizer, indexer (None without Engram) and model."""
+
+    cfg: RunConfig
+    tokenizer: Any
+    compressor: TokenizerCompressor
+    indexer: NgramIndexer | None
+    model: EngramLM
+
+    @property
+    def hash_fingerprint(self) -> str | None:
+        return None if self.indexer is None else self.indexer.hasher.fingerprint()
+
+
+@dataclass
+class TrainResult:
+    """What a finished `train` call reports."""
+
+    out_dir: Path
+    name: str
+    step: int
+    train_loss: float | None
+    val_loss: float | None
+    tokens_per_s: float  # median over this call's steps
+    step_time_s: float  # median seconds per optimizer step
+    loader_wait_s: float  # total seconds steps waited for their batch
+    counts: ParamCounts
+    checkpoint: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def val_ppl(self) -> float | None:
+        return None if self.val_loss is None else math.exp(self.val_loss)
+
+
+def build_run(cfg: RunConfig, tokenizer: Any | None = None, cache_dir: Any = None) -> RunParts:
+    """Tokenizer, compressor, indexer and a freshly initialised model for `cfg` (seeded)."""
+    tokenizer = tokenizer if tokenizer is not None else load_builtin_tokenizer()
+    kwargs = {} if cache_dir is None else {"cache_dir": cache_dir}
+    compressor = TokenizerCompressor.from_tokenizer(tokenizer, **kwargs)
+    if cfg.model.vocab_size < compressor.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"{compressor.vocab_size} ids"
+        )
+    indexer = None
+    table_sizes = None
+    if cfg.engram is not None:
+        indexer = NgramIndexer(cfg.engram, compressor, tokenizer, sep_id=EOT_ID)
+        table_sizes = {lid: indexer.hasher.flat_table_sizes(lid) for lid in cfg.engram.layer_ids}
+    torch.manual_seed(cfg.train.seed)
+    model = EngramLM(
+        cfg.model, cfg.engram, table_sizes, table_std=cfg.train.table_std, seed=cfg.train.seed
+    )
+    return RunParts(cfg, tokenizer, compressor, indexer, model)
+
+
+def _autocast(enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def evaluate(
+    model: EngramLM,
+    batches: Iterator[tuple[Any, Any]] | list[tuple[Any, Any]],
+    indexer: NgramIndexer | None,
+    bf16: bool = False,
+) -> float:
+    """Mean next-token cross-entropy over `(x, y)` numpy/torch batches (equal-size windows)."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    try:
+        for x, y in batches:
+            x = torch.as_tensor(x, dtype=torch.long)
+            y = torch.as_tensor(y, dtype=torch.long)
+            rows = None if indexer is None else torch.as_tensor(indexer.rows(x.numpy()))
+            with _autocast(bf16):
+                out = model(x, rows, targets=y)
+            total += float(out.loss) * y.numel()
+            n += y.numel()
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluate got no batches")
+    return total / n
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _same_run(a: RunConfig, b: RunConfig) -> bool:
+    """Equal configs up to train.steps (extending a run is a legitimate resume)."""
+    da, db = a.to_dict(), b.to_dict()
+    da["train"].pop("steps")
+    db["train"].pop("steps")
+    return da == db
+
+
+def load_trained(
+    ckpt_path: str | os.PathLike[str], tokenizer: Any | None = None
+) -> tuple[RunParts, Checkpoint]:
+    """A trained model (and its tokenizer/indexer) from a run or checkpoint directory."""
+    ckpt = read_checkpoint(ckpt_path)
+    try:
+        cfg = RunConfig.from_dict(ckpt.config)
+    except ConfigError as e:
+        raise ConfigError(f"checkpoint {ckpt.path} holds an invalid config: {e}") from e
+    parts = build_run(cfg, tokenizer)
+    check_fingerprint(ckpt, parts.hash_fingerprint)
+    load_model_weights(ckpt, parts.model)
+    parts.model.eval()
+    return parts, ckpt
+
+
+def train(
+    cfg: RunConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    stop_after: int | None = None,
+    data: DataSplits | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train `cfg` into `out_dir`, resuming from its latest checkpoint when there is one.
+
+    `stop_after` ends this call after that many steps (with a checkpoint), as an interruption
+    would; `data` reuses already-prepared splits (same data config) across runs.
+    """
+    out = Path(out_dir)
+    ckpt_root = out / "checkpoints"
+    latest = find_latest(ckpt_root) if resume else None
+    if latest is None and (out / CONFIG_FILE).exists() and any(ckpt_root.glob("step-*")):
+        raise ConfigError(f"{out} already holds a run; use resume or a new output directory")
+    if latest is not None:
+        previous = RunConfig.load(out / CONFIG_FILE)
+        if not _same_run(previous, cfg):
+            raise ConfigError(
+                f"{out} holds a run with a different config; resume it with the same config "
+                "(only train.steps may change) or choose a new output directory"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / CONFIG_FILE)
+
+    parts = build_run(cfg)
+    model, indexer = parts.model, parts.indexer
+    if data is None:
+        data = prepare_data(cfg.data, parts.tokenizer, EOT_ID)
+    opt = build_optimizer(model, cfg.optim)
+    tc = cfg.train
+    start = 0
+    metrics_path = out / METRICS_FILE
+    if latest is not None:
+        ckpt = read_checkpoint(latest)
+        check_fingerprint(ckpt, parts.hash_fingerprint)
+        load_model_weights(ckpt, model)
+        optim_state = load_optimizer_state(ckpt)
+        if optim_state is not None:
+            opt.load_state_dict(optim_state)
+        set_rng_state(ckpt.state["rng"])
+        start = ckpt.step
+        kept = [m for m in _read_metrics(metrics_path) if m["step"] <= start]
+        atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    counts = model.param_counts()
+    fwd = torch.compile(model) if tc.compile else model
+    model.train()
+    end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+    tokens_per_step = tc.grad_accum * cfg.data.batch_size * cfg.data.seq_len
+    history: list[dict[str, Any]] = []
+    step_times: list[float] = []
+    train_loss = val_loss = None
+    ckpt_path = latest
+
+    def state_json() -> dict[str, Any]:
+        return {
+            "config": cfg.to_dict(),
+            "hash_fingerprint": parts.hash_fingerprint,
+            "compressor_fingerprint": parts.compressor.fingerprint,
+            "val_loss": val_loss,
+        }
+
+    bar = tqdm(
+        total=tc.steps, initial=start, desc=cfg.name, unit="step", disable=not progress,
+        dynamic_ncols=True, leave=True,
+    )  # fmt: skip
+    loader = BatchLoader(
+        data.train, cfg.data, indexer, start_step=start * tc.grad_accum,
+        prefetch=tc.prefetch, seed=tc.seed,
+    )  # fmt: skip
+    try:
+        with open(metrics_path, "a", encoding="utf-8") as log:
+            for step in range(start, end):
+                t0 = time.perf_counter()
+                lr_mult = lr_multiplier(
+                    step, tc.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio
+                )
+                opt.set_lr(lr_mult)
+                loss_sum = aux_sum = wait = 0.0
+                for _ in range(tc.grad_accum):
+                    w0 = time.perf_counter()
+                    batch = next(loader)
+                    wait += time.perf_counter() - w0
+                    with _autocast(tc.bf16):
+                        outp = fwd(batch.x, batch.rows, targets=batch.y)
+                    loss = outp.loss + outp.aux_loss
+                    (loss / tc.grad_accum).backward()
+                    loss_sum += float(outp.loss.detach())
+                    aux_sum += float(outp.aux_loss.detach())
+                gnorm = opt.clip_grad_norm()
+                opt.step()
+                opt.zero_grad()
+                model.update_router_biases()
+                dt = time.perf_counter() - t0
+                step_times.append(dt)
+                train_loss = loss_sum / tc.grad_accum
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(
+                        f"training loss became {train_loss} at step {step + 1}; lower optim.lr "
+                        f"(now {cfg.optim.lr}) or check the data"
+                    )
+                rec: dict[str, Any] = {
+                    "step": step + 1,
+                    "tokens": (step + 1) * tokens_per_step,
+                    "loss": train_loss,
+                    "aux_loss": aux_sum / tc.grad_accum,
+                    "lr": cfg.optim.lr * lr_mult,
+                    "grad_norm": gnorm,
+                    "step_s": dt,
+                    "wait_s": wait,
+                    "tokens_per_s": tokens_per_step / dt,
+                }
+                last = step + 1 == end
+                if (tc.eval_every and (step + 1) % tc.eval_every == 0) or step + 1 == tc.steps:
+                    val_loss = evaluate(model, data.val_batches(tc.eval_batches), indexer, tc.bf16)
+                    rec["val_loss"] = val_loss
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                history.append(rec)
+                if on_step is not None:
+                    on_step(rec)
+                bar.update(1)
+                post = {"loss": f"{train_loss:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
+                if val_loss is not None:
+                    post["val"] = f"{val_loss:.3f}"
+                bar.set_postfix(post, refresh=False)
+                if last or (tc.ckpt_every and (step + 1) % tc.ckpt_every == 0):
+                    ckpt_path = save_checkpoint(
+                        ckpt_root, step + 1, model, opt.state_dict(), state_json(),
+                        keep=tc.keep_checkpoints,
+                    )  # fmt: skip
+    finally:
+        loader.close()
+        bar.close()
+
+    if end == tc.steps:
+        from engram.plots import plot_loss_curves
+
+        plot_loss_curves({cfg.name: _read_metrics(metrics_path)}, out / "loss.png")
+    assert ckpt_path is not None
+    timed = step_times[1:] or step_times  # the first step pays one-off allocation costs
+    med = statistics.median(timed) if timed else float("nan")
+    return TrainResult(
+        out_dir=out,
+        name=cfg.name,
+        step=end,
+        train_loss=train_loss,
+        val_loss=val_loss,
+        tokens_per_s=tokens_per_step / med if timed else float("nan"),
+        step_time_s=med,
+        loader_wait_s=sum(h["wait_s"] for h in history),
+        counts=counts,
+        checkpoint=ckpt_path,
+        history=history,
+    )
