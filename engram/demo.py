@@ -142,10 +142,14 @@ def run_demo(
     quick: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    configs: tuple[RunConfig, RunConfig, Plan] | None = None,
 ) -> DemoResult:
-    """Plan, train both models, compare, and draw the loss curves and a gate heatmap."""
+    """Plan, train both models, compare, and draw the loss curves and a gate heatmap.
+
+    `configs` replaces the preset pair (baseline, Engram model, plan), e.g. with smaller models.
+    """
     out = Path(out_dir)
-    base_cfg, engram_cfg, plan = demo_configs(quick)
+    base_cfg, engram_cfg, plan = configs if configs is not None else demo_configs(quick)
     echo(f"== plan: the Engram model keeps rho={DEMO_RHO} of the MoE's sparse budget in experts")
     echo(format_plan(plan))
     echo("")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import json
 
 import pytest
 
@@ -12,33 +12,6 @@ from engram.cli import main
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cli-cache"))
-
-
-def test_demo_runs_end_to_end(capsys):
-    rc = main(
-        [
-            "demo",
-            "--translations",
-            "kjv",
-            "--batch",
-            "2",
-            "--seq",
-            "64",
-            "--steps",
-            "3",
-            "--dim",
-            "16",
-        ]
-    )
-    out = capsys.readouterr().out
-    assert rc == 0
-    assert "50,257 ids -> 32,962 compressed ids" in out
-    assert "1,189 chapters (kjv)" in out
-    diff = float(re.search(r"== full: max \|diff\| ([0-9.e+-]+)", out).group(1))
-    assert diff < 1e-5
-    touched = re.search(r"sparse table gradient: ([\d,]+) of ([\d,]+) rows", out)
-    assert 0 < int(touched.group(1).replace(",", "")) < int(touched.group(2).replace(",", ""))
-    assert "with Engram" in out and "bigram (no memory)" in out
 
 
 def test_info_and_rows(capsys):
@@ -55,8 +28,23 @@ def test_info_and_rows(capsys):
     [
         (["rows", "  "], "TEXT is empty"),
         (["rows", "x", "--layer", "3"], "--layer 3 is not an Engram layer"),
-        (["demo", "--translations", "kjv,nope"], "unknown translation 'nope'"),
-        (["demo", "--steps", "0"], "--steps must be >= 1"),
+        (["train", "--preset", "tiny-moe", "--out", "x", "--steps", "0"], "--steps must be >= 1"),
+        (["train", "--preset", "nope", "--out", "x"], "unknown preset 'nope'"),
+        (["train", "--out", "x"], "give --preset NAME or --config FILE"),
+        (
+            ["train", "--config", "missing.json", "--out", "x"],
+            "config file 'missing.json' does not exist",
+        ),
+        (
+            ["train", "--preset", "tiny-moe", "--out", "x", "--data", "no/such.txt"],
+            "does not exist",
+        ),
+        (
+            ["train", "--preset", "tiny-moe", "--out", "x", "--set", "model.widht=3"],
+            "unknown config key 'model.widht'",
+        ),
+        (["eval", "--ckpt", "no/such/run"], "checkpoint path 'no/such/run' does not exist"),
+        (["plan", "--rho", "1.5"], "rho must be in [0, 1]"),
         (["info", "--layers", "1,1"], "layer_ids must be non-empty and distinct"),
     ],
 )
@@ -65,3 +53,67 @@ def test_bad_input_is_one_line_exit_2(argv, message, capsys):
     err = capsys.readouterr().err
     assert message in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def _tiny_train(tmp_path, name, *extra):
+    return main(["train", "--preset", name, "--out", str(tmp_path / name), "--no-progress", *extra])
+
+
+def test_train_eval_plan(tmp_path, capsys):
+    assert _tiny_train(tmp_path, "tiny-engram", "--steps", "3") == 0
+    out = capsys.readouterr().out
+    assert "tiny-engram: step 3" in out and "table" in out
+    assert main(["eval", "--ckpt", str(tmp_path / "tiny-engram"), "--json", "--batches", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["step"] == 3 and result["val_loss"] > 0 and result["tokens"] > 0
+    assert main(["plan", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert abs(plan["gaps"]["total_params"]) < 0.01 and abs(plan["gaps"]["flops_per_token"]) < 0.01
+    assert main(["plan", "--rho", "0.5"]) == 0
+    assert "routed experts" in capsys.readouterr().out
+
+
+def test_user_text_data_and_bad_data(tmp_path, capsys):
+    from engram.corpus import iter_builtin_documents
+
+    docs = [d.text for _, d in zip(range(40), iter_builtin_documents("web"), strict=False)]
+    (tmp_path / "mine.txt").write_text("\n\n".join(docs))
+    assert (
+        _tiny_train(tmp_path, "tiny-moe", "--data", str(tmp_path / "mine.txt"), "--steps", "2") == 0
+    )
+    assert "tiny-moe: step 2" in capsys.readouterr().out
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    rc = main(["train", "--preset", "tiny-moe", "--out", str(tmp_path / "e"), "--no-progress",
+               "--data", str(tmp_path / "empty.txt")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "empty" in err.lower() and err.count("\n") == 1
+
+
+def test_checkpoint_from_another_config_is_refused_without_damage(tmp_path, capsys):
+    assert _tiny_train(tmp_path, "tiny-engram", "--steps", "2") == 0
+    run = tmp_path / "tiny-engram"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    rc = _tiny_train(tmp_path, "tiny-engram", "--steps", "4", "--set", "engram.seed=5")
+    err = capsys.readouterr().err
+    assert rc == 2 and "different config" in err and "Traceback" not in err
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before  # nothing already written was touched
+
+
+def test_demo_pipeline_with_tiny_models(tmp_path, capsys):
+    from engram.demo import run_demo
+    from engram.presets import plan_for, tiny_moe
+
+    base = tiny_moe()
+    eng, plan = plan_for(base, 0.5, name="engram")
+    result = run_demo(tmp_path / "demo", progress=False, configs=(base, eng, plan))
+    out = capsys.readouterr().out
+    assert "validation loss" in out and "Engram vs MoE" in out
+    assert result.loss_png.stat().st_size > 1000 and result.gate_png.stat().st_size > 1000
+    assert result.baseline.total_params == pytest.approx(result.engram.total_params, rel=0.01)
+    gates = result.gates.gates[1]
+    assert gates.shape == (len(result.gates.tokens), 1)
+    assert ((gates > 0) & (gates < 1)).all()
+    summary = json.loads(result.summary_json.read_text())
+    assert summary["engram"]["val_loss"] == result.engram.val_loss

@@ -43,13 +43,14 @@ from engram.model.attention import CausalSelfAttention
 from engram.model.config import ModelConfig
 from engram.model.ffn import MoE, SwiGLU
 from engram.model.hyper import HyperConnection
+from engram.model.loss import linear_cross_entropy
 
 
 @dataclass
 class LMOutput:
     """What `EngramLM.forward` returns."""
 
-    logits: Tensor  # (B, T, V)
+    logits: Tensor | None  # (B, T, V); None when only the loss was asked for
     loss: Tensor | None  # mean cross-entropy over targets != -1, or None without targets
     aux_loss: Tensor  # scalar: MoE balance loss averaged over MoE layers (0 without MoE)
 
@@ -194,6 +195,18 @@ class EngramLM(nn.Module):
             for module in block.ffn.modules():
                 if isinstance(module, SwiGLU):
                     nn.init.normal_(module.w2.weight, 0.0, out_std)
+        # Engram's keys are initialised like any input projection; its value projection (what
+        # it writes into the residual stream) starts at ZERO, so at init the Engram model
+        # computes exactly what its backbone does, and the memory's contribution grows as it
+        # learns. Measured on the demo: with PyTorch's default init a std-1 table adds a signal
+        # ~15x the token embedding's and the model trails its MoE baseline for the first ~60
+        # steps; zero-init removes that. Tables and the zero conv keep their own init.
+        for layer in self.engram_layers().values():
+            for proj in layer.key_projs:
+                nn.init.normal_(proj.weight, 0.0, std)
+                nn.init.zeros_(proj.bias)
+            nn.init.zeros_(layer.value_proj.weight)
+            nn.init.zeros_(layer.value_proj.bias)
 
     # ---------------------------------------------------------------------------- structure
     def engram_layers(self) -> dict[int, Engram]:
@@ -280,9 +293,14 @@ class EngramLM(nn.Module):
         rows: Tensor | None = None,
         targets: Tensor | None = None,
         mask: Tensor | None = None,
+        return_logits: bool | None = None,
     ) -> LMOutput:
         """idx (B, T) raw token ids; rows (L, B, T, H) from `NgramHasher.hash_all`;
         targets (B, T) with -1 = ignored; mask (B, T) bool, False = dead position for Engram.
+
+        `return_logits` defaults to True without targets and False with them: the loss is then
+        computed by the fused chunked output layer (`engram.model.loss`), which never builds
+        the (B, T, V) logits; pass True to get both.
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
@@ -310,14 +328,20 @@ class EngramLM(nn.Module):
             aux_total = aux_total + aux
         if M > 1:
             h = h.sum(dim=2)  # (B, T, D)
-        logits = self.lm_head(self.norm(h))  # (B, T, V)
+        h = self.norm(h)  # (B, T, D)
+        want_logits = targets is None if return_logits is None else return_logits
+        logits = self.lm_head(h) if want_logits else None  # (B, T, V)
 
         n_moe = self.cfg.n_moe_layers
         aux_loss = aux_total / n_moe if n_moe else aux_total
         loss = None
-        if targets is not None:
+        if targets is not None and logits is not None:
             loss = F.cross_entropy(
                 logits.reshape(B * T, -1).float(), targets.reshape(B * T), ignore_index=-1
+            )
+        elif targets is not None:
+            loss = linear_cross_entropy(
+                h.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T), ignore_index=-1
             )
         return LMOutput(logits=logits, loss=loss, aux_loss=aux_loss)
 
