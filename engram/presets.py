@@ -99,7 +99,7 @@ def quick_moe() -> RunConfig:
         base,
         data=replace(base.data, batch_size=8),
         optim=replace(base.optim, warmup_steps=10),
-        train=replace(base.train, steps=60, eval_every=30, eval_batches=8),
+        train=replace(base.train, steps=60, eval_every=30, eval_batches=8, final_eval_batches=12),
     )
 
 
@@ -125,7 +125,7 @@ def tiny_moe() -> RunConfig:
         ),
         data=DataConfig(source="builtin:kjv", seq_len=32, batch_size=4, val_fraction=0.05),
         optim=OptimConfig(lr=3e-3, warmup_steps=2),
-        train=TrainConfig(steps=6, eval_every=3, eval_batches=2, log_every=1),
+        train=TrainConfig(steps=6, eval_every=3, eval_batches=2, final_eval_batches=4, log_every=1),
     )
 
 

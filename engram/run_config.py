@@ -43,8 +43,10 @@ class TrainConfig:
     grad_accum: int = 1
     # Run validation every this many steps (and always at the end); 0 = only at the end.
     eval_every: int = 50
-    # Validation batches per evaluation (None = the whole validation split).
+    # Validation batches per periodic evaluation (None = the whole validation split).
     eval_batches: int | None = 16
+    # Validation batches of the final evaluation (None = the whole split: the reported number).
+    final_eval_batches: int | None = None
     # Write a checkpoint every this many steps (and always at the end); 0 = only at the end.
     ckpt_every: int = 0
     # Checkpoints kept on disk (oldest deleted first); 0 keeps all.
@@ -69,8 +71,10 @@ class TrainConfig:
         for name in ("eval_every", "ckpt_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if self.eval_batches is not None and self.eval_batches < 1:
-            raise ValueError(f"train.eval_batches must be >= 1 or null, got {self.eval_batches}")
+        for name in ("eval_batches", "final_eval_batches"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"train.{name} must be >= 1 or null, got {value}")
 
 
 _SECTIONS: dict[str, type] = {

@@ -298,8 +298,10 @@ def train(
                     "tokens_per_s": tokens_per_step / dt,
                 }
                 last = step + 1 == end
-                if (tc.eval_every and (step + 1) % tc.eval_every == 0) or step + 1 == tc.steps:
-                    val_loss = evaluate(model, data.val_batches(tc.eval_batches), indexer, tc.bf16)
+                final = step + 1 == tc.steps
+                if final or (tc.eval_every and (step + 1) % tc.eval_every == 0):
+                    n_batches = tc.final_eval_batches if final else tc.eval_batches
+                    val_loss = evaluate(model, data.val_batches(n_batches), indexer, tc.bf16)
                     rec["val_loss"] = val_loss
                 log.write(json.dumps(rec) + "\n")
                 log.flush()

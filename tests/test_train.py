@@ -59,7 +59,7 @@ def test_run_directory_contents_and_eval_agree(tmp_path):
     from engram.tokenizer import EOT_ID
 
     splits = prepare_data(cfg.data, parts.tokenizer, EOT_ID)
-    loss = evaluate(parts.model, splits.val_batches(cfg.train.eval_batches), parts.indexer)
+    loss = evaluate(parts.model, splits.val_batches(cfg.train.final_eval_batches), parts.indexer)
     assert loss == pytest.approx(result.val_loss, rel=1e-6)
     assert ckpt.state["hash_fingerprint"] == parts.indexer.hasher.fingerprint()
     counts = result.counts
