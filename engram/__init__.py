@@ -1,34 +1,57 @@
 """engram: conditional memory via scalable hashed n-gram lookup, for PyTorch.
 
-The pieces, one module each: ``compress`` (raw -> compressed ids), ``hashing`` (compressed ids
+The memory, one module each: ``compress`` (raw -> compressed ids), ``hashing`` (compressed ids
 -> sub-table rows, all layers at once), ``store`` (where rows live), ``layer`` (the Engram
 module: gate, value, short conv), and ``indexer`` (tokenizer + compressor + hasher wired).
+
+Training and comparison: ``model`` (the transformer backbone with MoE, hyper-connections and
+Engram layers), ``plan`` (iso-parameter expert/table allocation), ``data`` (corpora, token cache,
+background-hashing loader), ``optim``, ``checkpoint``, ``train`` (the loop), ``presets``.
 """
 
 from engram.compress import TokenizerCompressor
 from engram.config import EngramConfig, demo_config, small_config
 from engram.corpus import iter_builtin_documents, load_builtin_corpus
+from engram.data import DataConfig
 from engram.hashing import HashStream, NgramHasher
 from engram.indexer import NgramIndexer
 from engram.layer import Engram
+from engram.model import EngramLM, ModelConfig
+from engram.optim import OptimConfig
+from engram.plan import plan_allocation
+from engram.presets import preset
+from engram.run_config import RunConfig, TrainConfig, apply_overrides
 from engram.store import MemoryRowStore, RowStore
 from engram.tokenizer import load_builtin_tokenizer
+from engram.train import evaluate, load_trained, train
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "DataConfig",
     "Engram",
     "EngramConfig",
+    "EngramLM",
     "HashStream",
     "MemoryRowStore",
+    "ModelConfig",
     "NgramHasher",
     "NgramIndexer",
+    "OptimConfig",
     "RowStore",
+    "RunConfig",
     "TokenizerCompressor",
+    "TrainConfig",
     "__version__",
+    "apply_overrides",
     "demo_config",
+    "evaluate",
     "iter_builtin_documents",
     "load_builtin_corpus",
     "load_builtin_tokenizer",
+    "load_trained",
+    "plan_allocation",
+    "preset",
     "small_config",
+    "train",
 ]

@@ -98,7 +98,7 @@ def plot_gate_heatmap(
             rows.append(g[:, m])
     data = np.stack(rows)  # (rows, T)
     width = max(6.0, 0.42 * len(tokens) + 1.5)
-    fig = Figure(figsize=(width, 1.0 + 0.55 * len(rows) + 1.2))
+    fig = Figure(figsize=(width, 1.4 + 0.45 * len(rows)))
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
     shown = [t.replace("\n", "\\n") for t in tokens]

@@ -83,7 +83,7 @@ def demo_moe() -> RunConfig:
         ),
         data=DataConfig(source="builtin:kjv", seq_len=128, batch_size=16, val_fraction=0.05),
         optim=OptimConfig(lr=3e-3, warmup_steps=20, min_lr_ratio=0.1),
-        train=TrainConfig(steps=200, eval_every=50, eval_batches=8, log_every=10),
+        train=TrainConfig(steps=200, eval_every=50, eval_batches=None, log_every=10),
     )
 
 
@@ -99,7 +99,7 @@ def quick_moe() -> RunConfig:
         base,
         data=replace(base.data, batch_size=8),
         optim=replace(base.optim, warmup_steps=10),
-        train=replace(base.train, steps=60, eval_every=30, eval_batches=8, final_eval_batches=12),
+        train=replace(base.train, steps=60, eval_every=30, eval_batches=12, final_eval_batches=12),
     )
 
 
