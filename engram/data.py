@@ -1,7 +1,8 @@
 """Training data: text sources -> a cached token array -> document splits -> hashed batches.
 
-Pipeline: ``iter_documents`` reads documents from a source; ``TokenizedCorpus`` tokenizes them
-once into a memory-mapped cache; ``split_documents`` holds out whole documents for validation;
+Pipeline: ``iter_grouped_documents`` reads documents (with their group keys) from a source;
+``TokenizedCorpus`` tokenizes them once into a memory-mapped cache; ``split_documents`` holds out
+whole document groups for validation;
 ``PackedSplit`` concatenates a split's documents; ``BatchLoader`` cuts random windows and hashes
 them (compress + n-gram hash, via :class:`~engram.indexer.NgramIndexer`) in a background thread.
 
@@ -15,22 +16,32 @@ Design choices:
   files are UTF-8 (a leading BOM is dropped). Whitespace-only documents are dropped everywhere,
   so the same texts give the same documents whatever the format. Bad input raises ``DataError``
   naming the file (and line or row) and what was expected.
+- Document groups: documents that are near-copies of one another share a group key, and a split
+  never separates a group. Built-in sources key a chapter by its reference ``(book_number,
+  chapter)``, so every translation of a chapter is one group; in files each document is its own
+  group.
 - One flat token array per (source, tokenizer, separator): each document's ids followed by the
   separator (GPT-2's ``<|endoftext|>``), ``uint16`` when the vocabulary fits, else ``uint32``;
-  ``doc_offsets`` (int64, n_docs+1) marks document spans, separator included. The cache
+  ``doc_offsets`` (int64, n_docs+1) marks document spans, separator included; ``groups`` (int64,
+  n_docs) holds each document's group id, dense ``0..G-1`` in first-seen order. The cache
   directory is named by sha256 of a format tag, the source fingerprint (built-in: translations,
   the Bible packages' and engram's versions, and the hash of ``engram/corpus.py``; files: resolved
   path, size and mtime_ns of every file), the tokenizer fingerprint, the separator and the text
   field. Any change makes a new key; nothing is ever updated in place.
 - Atomic cache writes: build into a temporary directory next to the target, fsync, then rename.
   If another process published first, its (identical) cache is used and ours discarded. Loading
-  verifies the metadata, the file size, the offsets and the sha256 of ``tokens.bin`` (about 1 ms
-  per MB, negligible next to tokenizing); a failing cache is moved aside and rebuilt, never used.
+  verifies the metadata, the file size, the offsets, the group ids (one per document, dense, and
+  their sha256) and the sha256 of ``tokens.bin`` (about 1 ms per MB, negligible next to
+  tokenizing); a failing cache is moved aside and rebuilt, never used.
 - A literal separator inside a document's text (``"<|endoftext|>"`` typed in the text) is kept:
   the tokenizer maps it to the separator id, so hashing treats it as a boundary. It is logged.
-- Splits hold out whole documents (no window straddles train and val): a seeded permutation
-  (``numpy.random.default_rng(split_seed)``), at least one document on each side. Note that the
-  built-in corpus has the same chapter in several translations, so val is not paraphrase-free.
+- Splits hold out whole groups of documents (no window straddles train and val): a seeded
+  permutation of the groups (``numpy.random.default_rng(split_seed)``) moves groups into val until
+  it holds at least ``round(n_docs * val_fraction)`` documents, at least one group on each side.
+  The built-in corpus is split by chapter reference, so all translations of a chapter land on the
+  same side and val is paraphrase-free: no translation of a val chapter is trained on (passages
+  the Bible itself repeats, e.g. Kings/Chronicles, are not grouped). With one document per group
+  this is exactly the plain per-document permutation split.
 - Training windows are T+1 tokens at uniform positions of the packed train stream, drawn from
   ``default_rng([seed, step])``: a batch depends only on (seed, step), so resuming at a step is
   exact and needs no saved RNG state. Windows may span a document end; the separator marks it,
@@ -64,7 +75,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Final
@@ -79,7 +90,7 @@ from engram.indexer import NgramIndexer
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION: Final = "engram.data/v1"
+FORMAT_VERSION: Final = "engram.data/v2"
 """Version tag of the cache layout and document rules; part of every cache key. Bump on change."""
 
 SUPPORTED_SUFFIXES: Final = (".txt", ".jsonl", ".parquet")
@@ -99,6 +110,8 @@ class DataError(ValueError):
 
 
 PathLike = str | os.PathLike[str]
+GroupedDocument = tuple[str, Hashable]
+"""A document's text and its group key (documents sharing a key are never split apart)."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -112,9 +125,9 @@ class DataConfig:
     source: str = BUILTIN
     # Field holding the text in .jsonl objects and .parquet rows.
     text_field: str = "text"
-    # Fraction of documents held out for validation (at least one document).
+    # Fraction of documents held out for validation (whole groups, at least one document).
     val_fraction: float = 0.05
-    # Seed of the document permutation that picks the validation documents.
+    # Seed of the group permutation that picks the validation documents.
     split_seed: int = 0
     # Tokens per training sequence T (windows hold T+1 tokens: inputs and shifted targets).
     seq_len: int = 128
@@ -331,11 +344,25 @@ def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
     The source is checked (existence, file types, translation names) before this returns; files
     are read lazily as the iterator advances.
     """
+    return (text for text, _ in iter_grouped_documents(source, text_field))
+
+
+def iter_grouped_documents(source: str, text_field: str = "text") -> Iterator[GroupedDocument]:
+    """Yield ``(text, group_key)`` for the documents of ``source``, in ``iter_documents`` order.
+
+    The key of a built-in chapter is its reference ``(book_number, chapter)``, shared by all its
+    translations; a file document's key is its index, so each is its own group. The source is
+    checked before this returns, as for ``iter_documents``.
+    """
     translations = _builtin_translations(source)
     if translations is not None:
-        return (d.text for d in iter_builtin_documents(translations) if d.text.strip())
+        return (
+            (d.text, (d.book_number, d.chapter))
+            for d in iter_builtin_documents(translations)
+            if d.text.strip()
+        )
     files = source_files(source)
-    return _iter_files(files, text_field)
+    return ((text, i) for i, text in enumerate(_iter_files(files, text_field)))
 
 
 def _iter_files(files: list[Path], text_field: str) -> Iterator[str]:
@@ -395,12 +422,12 @@ def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return list(tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
-def _chunks(docs: Iterable[str]) -> Iterator[list[str]]:
-    chunk: list[str] = []
+def _chunks(docs: Iterable[GroupedDocument]) -> Iterator[list[GroupedDocument]]:
+    chunk: list[GroupedDocument] = []
     chars = 0
     for doc in docs:
         chunk.append(doc)
-        chars += len(doc)
+        chars += len(doc[0])
         if chars >= _ENCODE_CHARS or len(chunk) >= _ENCODE_DOCS:
             yield chunk
             chunk, chars = [], 0
@@ -440,21 +467,34 @@ def _fsync_write(path: Path, data: bytes) -> None:
 class TokenizedCorpus:
     """A tokenized corpus in a cache directory: a flat memmapped id array plus document offsets.
 
-    ``tokens[doc_offsets[i]:doc_offsets[i+1]]`` is document i followed by ``sep_id``.
-    Files: ``tokens.bin`` (raw little-endian ids), ``doc_offsets.npy`` (int64), ``meta.json``.
+    ``tokens[doc_offsets[i]:doc_offsets[i+1]]`` is document i followed by ``sep_id``; document i
+    belongs to group ``groups[i]``. Files: ``tokens.bin`` (raw little-endian ids),
+    ``doc_offsets.npy`` (int64), ``groups.npy`` (int64), ``meta.json``.
     """
 
     def __init__(
-        self, path: Path, tokens: np.ndarray, doc_offsets: np.ndarray, meta: dict[str, Any]
+        self,
+        path: Path,
+        tokens: np.ndarray,
+        doc_offsets: np.ndarray,
+        meta: dict[str, Any],
+        groups: np.ndarray | None = None,
     ) -> None:
         self.path = path
         self.tokens = tokens
         self.doc_offsets = doc_offsets
         self.meta = meta
+        n_docs = len(doc_offsets) - 1
+        # Without groups every document is its own group.
+        self.groups = np.arange(n_docs, dtype=np.int64) if groups is None else groups
 
     @property
     def n_docs(self) -> int:
         return len(self.doc_offsets) - 1
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.groups.max()) + 1 if len(self.groups) else 0
 
     @property
     def n_tokens(self) -> int:
@@ -526,6 +566,7 @@ class TokenizedCorpus:
             or np.any(np.diff(offsets) < 1)
         ):
             raise DataError(f"{str(path)!r}: doc_offsets.npy is inconsistent with meta.json")
+        groups = _load_groups(path, n_docs, meta)
         if verify_checksum:
             digest = _file_sha256(tokens_file)
             if digest != meta.get("tokens_sha256"):
@@ -533,7 +574,7 @@ class TokenizedCorpus:
         tokens = np.memmap(tokens_file, dtype=dtype, mode="r", shape=(n_tokens,))
         if np.any(tokens[offsets[1:] - 1] != sep_id):
             raise DataError(f"{str(path)!r}: a document does not end with the separator")
-        return cls(path, tokens, offsets, meta)
+        return cls(path, tokens, offsets, meta, groups)
 
     @classmethod
     def load_or_build(
@@ -586,7 +627,7 @@ class TokenizedCorpus:
         vocab_size = tokenizer_vocab_size(tokenizer)
         if not 0 <= sep_id < vocab_size:
             raise DataError(f"sep_id {sep_id} is not a token id of the tokenizer [0, {vocab_size})")
-        docs = iter_documents(source, text_field)
+        docs = iter_grouped_documents(source, text_field)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
         try:
@@ -605,9 +646,10 @@ class TokenizedCorpus:
             )
             _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
             logger.info(
-                "tokenized %s: %d documents, %d tokens in %.1f s",
+                "tokenized %s: %d documents (%d groups), %d tokens in %.1f s",
                 meta["source"],
                 meta["n_docs"],
+                meta["n_groups"],
                 meta["n_tokens"],
                 meta["build_seconds"],
             )
@@ -640,17 +682,32 @@ class TokenizedCorpus:
 
 
 def _write_tokens(
-    directory: Path, docs: Iterable[str], tokenizer: Any, sep_id: int, dtype: np.dtype
+    directory: Path,
+    docs: Iterable[GroupedDocument],
+    tokenizer: Any,
+    sep_id: int,
+    dtype: np.dtype,
 ) -> dict[str, Any]:
-    """Tokenize ``docs`` into ``directory``; return the size part of the metadata."""
+    """Tokenize ``(text, group_key)`` pairs into ``directory``; return the size part of the meta.
+
+    Documents that tokenize to nothing are dropped; group ids are dense over the kept documents,
+    numbered in first-seen order.
+    """
     start = time.perf_counter()
     sha = hashlib.sha256()
     lengths: list[np.ndarray] = []
+    group_ids: dict[Hashable, int] = {}
+    groups: list[int] = []
     n_tokens = n_inner_seps = 0
     sep = np.array([sep_id], dtype=dtype)
     with open(directory / "tokens.bin", "wb") as f:
         for chunk in _chunks(docs):
-            ids = [i for i in _encode_batch(tokenizer, chunk) if len(i)]
+            encoded = _encode_batch(tokenizer, [text for text, _ in chunk])
+            ids = []
+            for (_, key), doc_ids in zip(chunk, encoded, strict=True):
+                if len(doc_ids):
+                    ids.append(doc_ids)
+                    groups.append(group_ids.setdefault(key, len(group_ids)))
             if not ids:
                 continue
             parts = []
@@ -674,14 +731,44 @@ def _write_tokens(
         np.save(f, offsets, allow_pickle=False)
         f.flush()
         os.fsync(f.fileno())
+    group_array = np.asarray(groups, dtype=np.int64)
+    with open(directory / "groups.npy", "wb") as f:
+        np.save(f, group_array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
     return {
         "sep_id": sep_id,
         "n_docs": len(offsets) - 1,
+        "n_groups": len(group_ids),
         "n_tokens": n_tokens,
         "dtype": dtype.str,
         "tokens_sha256": sha.hexdigest(),
+        "groups_sha256": hashlib.sha256(group_array.tobytes()).hexdigest(),
         "build_seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def _load_groups(path: Path, n_docs: int, meta: dict[str, Any]) -> np.ndarray:
+    """``groups.npy`` of a cache, checked: int64, one per document, dense first-seen ids."""
+    try:
+        groups = np.load(path / "groups.npy", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{str(path)!r}: unreadable groups.npy ({exc})") from exc
+    if groups.dtype != np.int64 or groups.shape != (n_docs,):
+        raise DataError(
+            f"{str(path)!r}: groups.npy holds {groups.dtype} {groups.shape}, expected int64 "
+            f"({n_docs},), one group id per document"
+        )
+    seen = np.maximum.accumulate(groups)  # dense first-seen ids: each is <= 1 + max before it
+    if (
+        groups[0] != 0
+        or np.any(groups < 0)
+        or np.any(groups[1:] > seen[:-1] + 1)
+        or meta.get("n_groups") != int(seen[-1]) + 1
+        or meta.get("groups_sha256") != hashlib.sha256(groups.tobytes()).hexdigest()
+    ):
+        raise DataError(f"{str(path)!r}: groups.npy is inconsistent with meta.json")
+    return groups
 
 
 def _file_sha256(path: Path) -> str:
@@ -695,12 +782,23 @@ def _file_sha256(path: Path) -> str:
 # ----------------------------------------------------------------------------- splits
 
 
-def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train_doc_ids, val_doc_ids), sorted int64: ``round(n_docs * val_fraction)`` (>= 1) val
-    documents chosen by ``default_rng(seed).permutation``; at least one train document."""
+def split_documents(
+    n_docs: int, val_fraction: float, seed: int, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train_doc_ids, val_doc_ids), sorted int64, never splitting a group of documents.
+
+    Without ``groups``: ``round(n_docs * val_fraction)`` (>= 1) val documents chosen by
+    ``default_rng(seed).permutation``; at least one train document. With ``groups`` (one integer
+    label per document): the groups, numbered in first-seen order, are permuted by
+    ``default_rng(seed).permutation`` and whole groups move into val, in that order, until it
+    holds at least ``round(n_docs * val_fraction)`` documents (at least one group); at least one
+    group must remain for training. One document per group gives the ungrouped split.
+    """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     n_val = max(1, math.floor(n_docs * val_fraction + 0.5))
+    if groups is not None:
+        return _split_groups(n_docs, val_fraction, seed, groups, n_val)
     if n_docs - n_val < 1:
         raise DataError(
             f"cannot split {n_docs} document(s) with val_fraction={val_fraction}: need at least "
@@ -709,6 +807,42 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[np.nda
         )
     perm = np.random.default_rng(seed).permutation(n_docs)
     return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)
+
+
+def dense_groups(groups: np.ndarray) -> np.ndarray:
+    """Integer group labels renumbered ``0..G-1`` in order of first appearance (int64)."""
+    labels = np.asarray(groups)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"groups must be a 1-D array of integer labels, got {labels.dtype} {labels.shape}"
+        )
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first), dtype=np.int64)
+    return rank[inverse.reshape(-1)]
+
+
+def _split_groups(
+    n_docs: int, val_fraction: float, seed: int, groups: np.ndarray, n_val: int
+) -> tuple[np.ndarray, np.ndarray]:
+    ids = dense_groups(groups)
+    if len(ids) != n_docs:
+        raise DataError(f"groups holds {len(ids)} labels for {n_docs} documents; expected one each")
+    n_groups = int(ids.max()) + 1 if n_docs else 0
+    perm = np.random.default_rng(seed).permutation(n_groups)
+    sizes = np.bincount(ids, minlength=n_groups)
+    # Fewest leading groups of the permutation holding >= n_val documents (at least one group).
+    n_val_groups = int(np.searchsorted(np.cumsum(sizes[perm]), n_val)) + 1
+    if n_val_groups >= n_groups:
+        raise DataError(
+            f"cannot split {n_docs} document(s) in {n_groups} group(s) with "
+            f"val_fraction={val_fraction}: need at least one training and one validation group; "
+            "add documents or use a smaller val_fraction"
+        )
+    is_val = np.zeros(n_groups, dtype=bool)
+    is_val[perm[:n_val_groups]] = True
+    doc_is_val = is_val[ids]
+    return np.flatnonzero(~doc_is_val).astype(np.int64), np.flatnonzero(doc_is_val).astype(np.int64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -842,6 +976,8 @@ class DataSplits:
             "source": self.corpus.meta.get("source"),
             "cache": str(self.corpus.path),
             "n_docs": self.n_docs,
+            "n_groups": self.corpus.n_groups,
+            "val_groups": len(np.unique(self.corpus.groups[self.val.doc_ids])),
             "n_tokens": self.corpus.n_tokens,
             "train_docs": self.n_train_docs,
             "val_docs": self.n_val_docs,
@@ -855,7 +991,9 @@ def prepare_data(data_cfg: DataConfig, tokenizer: Any, sep_id: int) -> DataSplit
     corpus = TokenizedCorpus.load_or_build(
         data_cfg.source, tokenizer, sep_id, data_cfg.resolved_cache_dir(), data_cfg.text_field
     )
-    train_ids, val_ids = split_documents(corpus.n_docs, data_cfg.val_fraction, data_cfg.split_seed)
+    train_ids, val_ids = split_documents(
+        corpus.n_docs, data_cfg.val_fraction, data_cfg.split_seed, corpus.groups
+    )
     train = PackedSplit.from_corpus(corpus, train_ids, "train")
     val = PackedSplit.from_corpus(corpus, val_ids, "val")
     train.check_seq_len(data_cfg.seq_len)

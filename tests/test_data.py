@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import os
 import threading
@@ -25,7 +26,9 @@ from engram.data import (
     DataError,
     PackedSplit,
     TokenizedCorpus,
+    dense_groups,
     iter_documents,
+    iter_grouped_documents,
     prepare_data,
     split_documents,
 )
@@ -243,8 +246,44 @@ def _remove_offsets(path: Path) -> None:
     (path / "doc_offsets.npy").unlink()
 
 
+def _remove_groups(path: Path) -> None:
+    (path / "groups.npy").unlink()
+
+
+def _short_groups(path: Path) -> None:
+    np.save(path / "groups.npy", np.load(path / "groups.npy")[:-1])
+
+
+def _sparse_groups(path: Path) -> None:  # not dense first-seen ids
+    groups = np.load(path / "groups.npy")
+    groups[1] = 5
+    np.save(path / "groups.npy", groups)
+
+
+def _merged_groups(path: Path) -> None:  # still dense, but not what was built (sha256)
+    groups = np.load(path / "groups.npy")
+    groups[1] = 0
+    np.save(path / "groups.npy", groups)
+
+
+def _float_groups(path: Path) -> None:
+    np.save(path / "groups.npy", np.load(path / "groups.npy").astype(np.float64))
+
+
 @pytest.mark.parametrize(
-    "damage", [_truncate, _flip_byte, _garble_meta, _bad_offsets, _remove_offsets]
+    "damage",
+    [
+        _truncate,
+        _flip_byte,
+        _garble_meta,
+        _bad_offsets,
+        _remove_offsets,
+        _remove_groups,
+        _short_groups,
+        _sparse_groups,
+        _merged_groups,
+        _float_groups,
+    ],
 )
 def test_corrupt_cache_is_detected_and_rebuilt(
     txt_source, tmp_path, gpt2_tokenizer, encode_counter, damage
@@ -261,6 +300,27 @@ def test_corrupt_cache_is_detected_and_rebuilt(
     assert rebuilt.path == path and np.array_equal(rebuilt.tokens, expected)
     assert TokenizedCorpus.load(path).n_tokens == len(expected)  # the new copy is valid
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp/trash left
+
+
+def test_cache_without_groups_is_not_used(txt_source, tmp_path, gpt2_tokenizer, encode_counter):
+    good = TokenizedCorpus.load_or_build(txt_source, gpt2_tokenizer, EOT_ID, tmp_path)
+    assert good.groups.tolist() == list(range(N_DOCS))  # files: every document its own group
+    # A cache in the previous format (no groups.npy) is not read, and its key is not ours.
+    meta = json.loads((good.path / "meta.json").read_text())
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("tokens.bin", "doc_offsets.npy"):
+        (old / name).write_bytes((good.path / name).read_bytes())
+    (old / "meta.json").write_text(json.dumps({**meta, "format": "engram.data/v1"}))
+    with pytest.raises(DataError, match=r"not a engram\.data/v2 token cache"):
+        TokenizedCorpus.load(old)
+    (old / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"groups\.npy"):
+        TokenizedCorpus.load(old)
+    payload = {"format": "engram.data/v1", "source": meta["source_fingerprint"]}
+    payload |= {"tokenizer": meta["tokenizer_fingerprint"], "sep_id": EOT_ID, "text_field": "text"}
+    v1_key = data_mod.hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    assert v1_key != good.key == data_mod.cache_key(txt_source, gpt2_tokenizer, EOT_ID)
 
 
 def test_changing_the_source_invalidates_the_cache(tmp_path, chapters, gpt2_tokenizer):
@@ -335,6 +395,120 @@ def test_split_documents():
         split_documents(10, 0.0, 0)
 
 
+def _assert_groups_split(groups, train, val) -> None:
+    groups = np.asarray(groups)
+    assert sorted(train.tolist() + val.tolist()) == list(range(len(groups)))
+    assert np.all(np.diff(train) > 0) and np.all(np.diff(val) > 0)
+    assert train.dtype == val.dtype == np.int64
+    assert not set(groups[train].tolist()) & set(groups[val].tolist())  # no group on both sides
+
+
+def test_split_documents_with_groups():
+    n_chapters, n_translations = 40, 3
+    groups = np.tile(np.arange(n_chapters), n_translations)  # translation-major, like builtin
+    n_docs = len(groups)
+    train, val = split_documents(n_docs, 0.1, seed=3, groups=groups)
+    _assert_groups_split(groups, train, val)
+    assert len(val) == 12 and len(set(groups[val].tolist())) == 4  # whole groups of 3
+    again = split_documents(n_docs, 0.1, seed=3, groups=groups)
+    assert np.array_equal(train, again[0]) and np.array_equal(val, again[1])  # deterministic
+    assert not np.array_equal(val, split_documents(n_docs, 0.1, seed=4, groups=groups)[1])
+    # Only the partition matters, not the label values (ids are renumbered in first-seen order).
+    relabeled = split_documents(n_docs, 0.1, seed=3, groups=groups * 7 + 1000)
+    assert np.array_equal(val, relabeled[1])
+    # Unequal group sizes: the fewest leading groups of the permutation reaching the target.
+    sizes = np.array([5, 1, 3, 2, 4, 1, 1, 6, 2, 3])
+    uneven = np.repeat(np.arange(len(sizes)), sizes)
+    for seed in range(20):
+        train, val = split_documents(len(uneven), 0.3, seed, uneven)
+        _assert_groups_split(uneven, train, val)
+        order = np.random.default_rng(seed).permutation(len(sizes))
+        k = np.searchsorted(np.cumsum(sizes[order]), round(len(uneven) * 0.3)) + 1
+        assert sorted(set(uneven[val].tolist())) == sorted(order[:k].tolist())
+    assert len(split_documents(6, 0.01, 0, groups=[0, 0, 1, 1, 2, 2])[1]) == 2  # >= one group
+    with pytest.raises(DataError, match="need at least one training and one validation group"):
+        split_documents(4, 0.5, 0, groups=[0, 0, 0, 0])  # a single group
+    with pytest.raises(DataError, match="need at least one training and one validation group"):
+        split_documents(6, 0.6, 0, groups=[0, 0, 0, 1, 1, 1])  # 4 val documents need both
+    with pytest.raises(DataError, match="3 labels for 4 documents"):
+        split_documents(4, 0.5, 0, groups=[0, 1, 2])
+    with pytest.raises(DataError, match="integer labels"):
+        split_documents(2, 0.5, 0, groups=[0.0, 1.0])
+
+
+def test_singleton_groups_give_the_ungrouped_split():
+    for n_docs, frac, seed in [(100, 0.1, 3), (24, 0.25, 0), (7, 0.5, 11), (3, 0.01, 2)]:
+        plain = split_documents(n_docs, frac, seed)
+        grouped = split_documents(n_docs, frac, seed, groups=np.arange(n_docs))
+        assert all(np.array_equal(a, b) for a, b in zip(plain, grouped, strict=True))
+    with pytest.raises(DataError, match="cannot split 1 document"):
+        split_documents(1, 0.5, 0, groups=[0])
+
+
+def test_dense_groups():
+    assert dense_groups(np.array([7, 7, 3, 9, 3, 7])).tolist() == [0, 0, 1, 2, 1, 0]
+    assert dense_groups(np.array([], dtype=np.int64)).tolist() == []
+
+
+def test_builtin_chapter_references_split_together():
+    """The real chapter references of two translations: no chapter lands on both sides."""
+    docs = list(iter_builtin_documents(["kjv", "bbe"]))
+    refs = [(d.book_number, d.chapter) for d in docs]
+    groups = dense_groups(np.array([b * 1000 + c for b, c in refs]))
+    assert groups.max() + 1 == 1190  # BBE's extra Isaiah chapter is a group of its own
+    train, val = split_documents(len(docs), 0.05, 0, groups)
+    _assert_groups_split(groups, train, val)
+    assert len(val) >= round(len(docs) * 0.05)
+    val_refs = {refs[i] for i in val}
+    assert all(refs[i] not in val_refs for i in train)
+    assert {docs[i].translation for i in val} == {"kjv", "bbe"}
+
+
+@pytest.fixture
+def few_chapters(monkeypatch) -> int:
+    """Restrict each built-in translation to its first chapters (Genesis 1-50, Exodus 1-5)."""
+    n = 55
+    real = data_mod.iter_builtin_documents
+    parsed: dict[str, list] = {}  # each translation parsed once per test
+
+    def first(name: str) -> list:
+        if name not in parsed:
+            parsed[name] = list(itertools.islice(real(name), n))
+        return parsed[name]
+
+    def subset(translations):
+        return itertools.chain.from_iterable(first(t) for t in translations)
+
+    monkeypatch.setattr(data_mod, "iter_builtin_documents", subset)
+    return n
+
+
+def test_builtin_cache_stores_chapter_groups(tmp_path, gpt2_tokenizer, few_chapters):
+    source = "builtin:kjv,web"
+    corpus = TokenizedCorpus.load_or_build(source, gpt2_tokenizer, EOT_ID, tmp_path)
+    refs = [key for _, key in iter_grouped_documents(source)]
+    assert refs[few_chapters - 1] == (2, 5) and refs[few_chapters] == (1, 1)  # Exodus 5, then web
+    expected = dense_groups(np.array([b * 1000 + c for b, c in refs]))
+    assert corpus.n_docs == 2 * few_chapters and corpus.n_groups == few_chapters
+    assert corpus.groups.tolist() == expected.tolist() == 2 * list(range(few_chapters))
+    stored = np.load(corpus.path / "groups.npy")
+    assert stored.dtype == np.int64 and np.array_equal(stored, corpus.groups)
+    assert json.loads((corpus.path / "meta.json").read_text())["n_groups"] == few_chapters
+    # A corrupt groups.npy is detected and the cache rebuilt.
+    np.save(corpus.path / "groups.npy", np.arange(corpus.n_docs, dtype=np.int64))
+    with pytest.raises(DataError, match=r"groups\.npy"):
+        TokenizedCorpus.load(corpus.path)
+    rebuilt = TokenizedCorpus.load_or_build(source, gpt2_tokenizer, EOT_ID, tmp_path)
+    assert rebuilt.path == corpus.path and np.array_equal(rebuilt.groups, expected)
+    # prepare_data splits by chapter: both translations of a chapter on the same side.
+    cfg = DataConfig(source=source, val_fraction=0.1, seq_len=64, cache_dir=str(tmp_path))
+    splits = prepare_data(cfg, gpt2_tokenizer, EOT_ID)
+    _assert_groups_split(expected, splits.train.doc_ids, splits.val.doc_ids)
+    assert splits.n_val_docs == 12 and splits.summary()["n_groups"] == few_chapters
+    assert splits.summary()["val_groups"] == 6
+    assert np.array_equal(splits.val.doc_ids, prepare_data(cfg, gpt2_tokenizer, EOT_ID).val.doc_ids)
+
+
 def test_prepare_data_packs_the_splits(splits, chapters, gpt2_tokenizer):
     corpus = splits.corpus
     assert splits.n_train_docs + splits.n_val_docs == splits.n_docs == N_DOCS
@@ -347,6 +521,9 @@ def test_prepare_data_packs_the_splits(splits, chapters, gpt2_tokenizer):
     assert not isinstance(splits.train.tokens, np.memmap)  # copied into RAM
     summary = splits.summary()
     assert summary["train_tokens"] == splits.n_train_tokens and summary["n_docs"] == N_DOCS
+    assert summary["n_groups"] == N_DOCS and summary["val_groups"] == 6
+    # One document per group: exactly the ungrouped split of the same seed.
+    assert np.array_equal(splits.val.doc_ids, split_documents(N_DOCS, 0.25, 0)[1])
 
 
 def test_too_small_corpus(tmp_path, chapters, gpt2_tokenizer):
