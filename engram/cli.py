@@ -124,7 +124,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     result = train(cfg, args.out, resume=not args.no_resume, progress=not args.no_progress)
     c = result.counts
     print(
-        f"{cfg.name}: step {result.step}, train loss {result.train_loss:.4f}, "
+        f"{cfg.name}: step {result.step}, "
+        + (f"train loss {result.train_loss:.4f}, " if result.train_loss is not None else "")
         + (f"validation loss {result.val_loss:.4f} (ppl {result.val_ppl:.1f}), "
            if result.val_loss is not None else "")
         + f"{result.tokens_per_s:,.0f} tokens/s"

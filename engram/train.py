@@ -327,6 +327,11 @@ def train(
 
         plot_loss_curves({cfg.name: _read_metrics(metrics_path)}, out / "loss.png")
     assert ckpt_path is not None
+    if not history:  # nothing left to train: report the finished run from its metrics
+        past = _read_metrics(metrics_path)
+        step_times = [r["step_s"] for r in past if "step_s" in r]
+        train_loss = past[-1]["loss"] if past else None
+        val_loss = next((r["val_loss"] for r in reversed(past) if "val_loss" in r), None)
     timed = step_times[1:] or step_times  # the first step pays one-off allocation costs
     med = statistics.median(timed) if timed else float("nan")
     return TrainResult(

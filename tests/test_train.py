@@ -114,3 +114,11 @@ def test_tables_only_change_at_touched_rows(tmp_path):
     after = parts.model.engram_layers()[1].store.weight.detach()
     changed = (after != before).any(dim=1)
     assert 0 < int(changed.sum()) < changed.numel() // 2
+
+
+def test_finished_run_reports_from_its_metrics(tmp_path):
+    cfg = apply_overrides(tiny_moe(), ["train.steps=2"])
+    first = train(cfg, tmp_path / "run", progress=False)
+    again = train(cfg, tmp_path / "run", progress=False)  # nothing left to do
+    assert again.step == 2 and again.history == []
+    assert again.val_loss == first.val_loss and again.train_loss == first.train_loss
