@@ -39,7 +39,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar, runtime_checkable
@@ -50,6 +49,8 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save as safetensors_save
 from tokenizers import Regex, normalizers
+
+from engram.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -211,20 +212,6 @@ def cache_file_name(fingerprint: str) -> str:
     return f"compressor-{fingerprint[:32]}-tokenizers{tokenizers.__version__}.safetensors"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class TokenizerCompressor:
     """Maps raw token ids to compressed ids with a precomputed table (SPEC section 2).
 
@@ -298,7 +285,7 @@ class TokenizerCompressor:
             "lookup_sha256": _lookup_sha256(self._lookup),
         }
         data = safetensors_save({"lookup": np.ascontiguousarray(self._lookup)}, metadata=metadata)
-        _atomic_write_bytes(Path(path), data)
+        atomic_write_bytes(Path(path), data)
 
     @classmethod
     def load(

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from engram.analysis.gates import GateReading, gate_values
-from engram.checkpoint import atomic_write_text
+from engram.atomic import atomic_write_text
 from engram.data import prepare_data
 from engram.plan import Plan, format_plan
 from engram.plots import plot_gate_heatmap, plot_loss_curves

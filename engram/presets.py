@@ -83,7 +83,7 @@ def demo_moe() -> RunConfig:
         ),
         data=DataConfig(source="builtin:kjv", seq_len=128, batch_size=16, val_fraction=0.05),
         optim=OptimConfig(lr=3e-3, warmup_steps=20, min_lr_ratio=0.1),
-        train=TrainConfig(steps=200, eval_every=50, eval_batches=None, log_every=10),
+        train=TrainConfig(steps=200, eval_every=100, eval_batches=None, log_every=10),
     )
 
 

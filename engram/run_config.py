@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engram.atomic import atomic_write_text
 from engram.config import EngramConfig
 from engram.data import DataConfig
 from engram.model import ModelConfig
@@ -133,8 +134,6 @@ class RunConfig:
         return cls(**kwargs)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        from engram.checkpoint import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod

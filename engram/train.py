@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from engram.atomic import atomic_write_text
 from engram.checkpoint import (
     Checkpoint,
-    atomic_write_text,
     check_fingerprint,
     find_latest,
     load_model_weights,
