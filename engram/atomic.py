@@ -12,6 +12,17 @@ import tempfile
 from pathlib import Path
 
 
+def default_mode(directory: bool = False) -> int:
+    """The permissions a plain `open`/`mkdir` would give under the current umask.
+
+    `tempfile.mkstemp`/`mkdtemp` create 0600/0700 entries; outputs meant for the user (configs,
+    metrics, plots, checkpoints) get the ordinary mode instead.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write `data` to `path` atomically (parent directories are created)."""
     path = Path(path)
@@ -22,6 +33,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

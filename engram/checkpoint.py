@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from engram.atomic import atomic_write_text
+from engram.atomic import atomic_write_text, default_mode
 
 FORMAT_VERSION = 1
 LATEST = "LATEST"
@@ -171,6 +171,7 @@ def save_checkpoint(
     final = root / checkpoint_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
     try:
+        os.chmod(tmp, default_mode(directory=True))
         save_model(model, str(tmp / MODEL_FILE))
         files = [MODEL_FILE]
         meta: dict[str, Any] = {}

@@ -84,6 +84,7 @@ import numpy as np
 import torch
 
 import engram.corpus
+from engram.atomic import default_mode
 from engram.compress import default_cache_dir, tokenizer_fingerprint, tokenizer_vocab_size
 from engram.corpus import TRANSLATIONS, iter_builtin_documents
 from engram.indexer import NgramIndexer
@@ -631,6 +632,7 @@ class TokenizedCorpus:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
         try:
+            os.chmod(tmp, default_mode(directory=True))
             meta = _write_tokens(tmp, docs, tokenizer, int(sep_id), _token_dtype(vocab_size))
             if meta["n_docs"] == 0:
                 raise DataError(f"data source {source!r} holds no documents (empty corpus)")

@@ -122,3 +122,16 @@ def test_finished_run_reports_from_its_metrics(tmp_path):
     again = train(cfg, tmp_path / "run", progress=False)  # nothing left to do
     assert again.step == 2 and again.history == []
     assert again.val_loss == first.val_loss and again.train_loss == first.train_loss
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    train(apply_overrides(tiny_moe(), ["train.steps=1"]), tmp_path / "run", progress=False)
+    mask = os.umask(0)
+    os.umask(mask)
+    run = tmp_path / "run"
+    ckpt = next((run / "checkpoints").glob("step-*"))
+    for path, base in [(run / "config.json", 0o666), (run / "loss.png", 0o666), (ckpt, 0o777)]:
+        assert stat.S_IMODE(path.stat().st_mode) == base & ~mask, path
