@@ -14,6 +14,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+def check_known_keys(cls: type, d: dict[str, Any], error: type[Exception] = ValueError) -> None:
+    """Raise `error` naming every key of `d` that is not a field of dataclass `cls`."""
+    known = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise error(f"unknown {cls.__name__} keys {unknown}; expected a subset of {sorted(known)}")
+
+
 @dataclass(frozen=True)
 class EngramConfig:
     """Everything that determines which rows a token hits and the shape of the memory."""
@@ -95,12 +103,7 @@ class EngramConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EngramConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown EngramConfig keys {unknown}; expected a subset of {sorted(known)}"
-            )
+        check_known_keys(cls, d)
         return cls(**d)
 
 

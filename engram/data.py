@@ -76,7 +76,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Hashable, Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -86,6 +86,7 @@ import torch
 import engram.corpus
 from engram.atomic import default_mode
 from engram.compress import default_cache_dir, tokenizer_fingerprint, tokenizer_vocab_size
+from engram.config import check_known_keys
 from engram.corpus import TRANSLATIONS, iter_builtin_documents
 from engram.indexer import NgramIndexer
 
@@ -164,12 +165,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DataError(
-                f"unknown DataConfig keys {unknown}; expected a subset of {sorted(known)}"
-            )
+        check_known_keys(cls, d, DataError)
         return cls(**d)
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from engram.config import check_known_keys
+
 _FFN_KINDS = ("moe", "dense")
 _ROUTER_SCORES = ("softmax", "sigmoid")
 
@@ -141,10 +143,5 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown ModelConfig keys {unknown}; expected a subset of {sorted(known)}"
-            )
+        check_known_keys(cls, d)
         return cls(**d)
