@@ -24,7 +24,13 @@ def _losses(run_dir):
     return [(r["step"], r["loss"], r.get("val_loss")) for r in map(json.loads, lines)]
 
 
-@pytest.mark.parametrize("make", [tiny_engram, tiny_moe], ids=["engram", "moe"])
+def _hyper_engram():
+    return apply_overrides(tiny_engram(), ["model.hc_mult=4"])
+
+
+@pytest.mark.parametrize(
+    "make", [tiny_engram, tiny_moe, _hyper_engram], ids=["engram", "moe", "engram-hc4"]
+)
 def test_resume_equals_uninterrupted(make, tmp_path):
     cfg = apply_overrides(make(), ["train.steps=6", "train.eval_every=2", "train.ckpt_every=3"])
     full = train(cfg, tmp_path / "full", progress=False)
