@@ -1023,6 +1023,14 @@ class Batch:
             step, torch.from_numpy(x), torch.from_numpy(y), rows, time.perf_counter() - start
         )
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The batch on `device` (a no-op on the CPU; asynchronous from pinned memory on CUDA)."""
+        if torch.device(device).type == "cpu":
+            return self
+        x, y = (t.to(device, non_blocking=non_blocking) for t in (self.x, self.y))
+        rows = None if self.rows is None else self.rows.to(device, non_blocking=non_blocking)
+        return Batch(self.step, x, y, rows, self.build_seconds)
+
     def pin_memory(self) -> Batch:
         """A copy in page-locked memory (faster, asynchronous host-to-GPU copies)."""
         pin = [t.pin_memory() for t in (self.x, self.y)]

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from engram.atomic import atomic_write_text
 from engram.config import EngramConfig
 from engram.data import DataConfig
@@ -64,6 +66,8 @@ class TrainConfig:
     compile: bool = False
     # Batches the background loader prepares (and hashes) ahead of the step.
     prefetch: int = 2
+    # Where the model trains: "cpu" (bit-reproducible, the default), "cuda", "cuda:1", ...
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         for name in ("steps", "grad_accum", "prefetch"):
@@ -72,6 +76,10 @@ class TrainConfig:
         for name in ("eval_every", "ckpt_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        try:
+            torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"train.device {self.device!r} is not a torch device: {e}") from None
         for name in ("eval_batches", "final_eval_batches"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -13,6 +13,9 @@ Design choices:
   is a measured claim per run.
 - Tables are addressed by the hash configuration; the checkpoint stores its fingerprint and
   `load_trained`/resume refuse a mismatch before touching weights.
+- Device: `train.device` ("cpu" by default, where runs are bit-reproducible; "cuda" on a GPU).
+  The model is initialised on the CPU (same init everywhere) and moved; the loader pins its
+  batches when the device is CUDA so the copies are asynchronous; autocast follows the device.
 - Timing: `step_s` covers forward, backward and the optimizer step of one optimizer step
   (including waiting for data); validation and checkpoint writes are excluded.
 """
@@ -114,10 +117,18 @@ def build_run(cfg: RunConfig, tokenizer: Any | None = None, cache_dir: Any = Non
     return RunParts(cfg, tokenizer, compressor, indexer, model)
 
 
-def _autocast(enabled: bool) -> contextlib.AbstractContextManager[Any]:
+def _autocast(enabled: bool, device_type: str = "cpu") -> contextlib.AbstractContextManager[Any]:
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`train.device` as a torch device, refusing CUDA where there is none."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but this machine has no CUDA device; use 'cpu'")
+    return device
 
 
 @torch.no_grad()
@@ -130,13 +141,16 @@ def evaluate(
     """Mean next-token cross-entropy over `(x, y)` numpy/torch batches (equal-size windows)."""
     was_training = model.training
     model.eval()
+    device = model.tok_emb.weight.device
     total, n = 0.0, 0
     try:
-        for x, y in batches:
-            x = torch.as_tensor(x, dtype=torch.long)
-            y = torch.as_tensor(y, dtype=torch.long)
+        for x_np, y_np in batches:
+            x = torch.as_tensor(x_np, dtype=torch.long)
             rows = None if indexer is None else torch.as_tensor(indexer.rows(x.numpy()))
-            with _autocast(bf16):
+            x = x.to(device)
+            y = torch.as_tensor(y_np, dtype=torch.long).to(device)
+            rows = None if rows is None else rows.to(device)
+            with _autocast(bf16, device.type):
                 out = model(x, rows, targets=y)
             total += float(out.loss) * y.numel()
             n += y.numel()
@@ -192,6 +206,7 @@ def train(
     `stop_after` ends this call after that many steps (with a checkpoint), as an interruption
     would; `data` reuses already-prepared splits (same data config) across runs.
     """
+    device = resolve_device(cfg.train.device)
     out = Path(out_dir)
     ckpt_root = out / "checkpoints"
     latest = find_latest(ckpt_root) if resume else None
@@ -208,7 +223,7 @@ def train(
     cfg.save(out / CONFIG_FILE)
 
     parts = build_run(cfg)
-    model, indexer = parts.model, parts.indexer
+    model, indexer = parts.model.to(device), parts.indexer
     if data is None:
         data = prepare_data(cfg.data, parts.tokenizer, EOT_ID)
     opt = build_optimizer(model, cfg.optim)
@@ -253,7 +268,7 @@ def train(
     )  # fmt: skip
     loader = BatchLoader(
         data.train, cfg.data, indexer, start_step=start * tc.grad_accum,
-        prefetch=tc.prefetch, seed=tc.seed,
+        prefetch=tc.prefetch, seed=tc.seed, pin_memory=device.type == "cuda",
     )  # fmt: skip
     try:
         with open(metrics_path, "a", encoding="utf-8") as log:
@@ -266,9 +281,9 @@ def train(
                 loss_sum = aux_sum = wait = 0.0
                 for _ in range(tc.grad_accum):
                     w0 = time.perf_counter()
-                    batch = next(loader)
+                    batch = next(loader).to(device, non_blocking=True)
                     wait += time.perf_counter() - w0
-                    with _autocast(tc.bf16):
+                    with _autocast(tc.bf16, device.type):
                         outp = fwd(batch.x, batch.rows, targets=batch.y)
                     loss = outp.loss + outp.aux_loss
                     (loss / tc.grad_accum).backward()

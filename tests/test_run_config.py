@@ -40,6 +40,7 @@ def test_overrides():
         ("train.steps=0", "train.steps must be >= 1"),
         ("model.n_heads=3", "invalid model config"),
         ("steps", "must look like section.field=value"),
+        ("train.device=gpu0", "is not a torch device"),
     ],
 )
 def test_bad_overrides_are_named(override, message):

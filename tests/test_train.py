@@ -141,3 +141,21 @@ def test_outputs_get_ordinary_permissions(tmp_path):
     ckpt = next((run / "checkpoints").glob("step-*"))
     for path, base in [(run / "config.json", 0o666), (run / "loss.png", 0o666), (ckpt, 0o777)]:
         assert stat.S_IMODE(path.stat().st_mode) == base & ~mask, path
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the message on a machine without CUDA"
+)
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path):
+    cfg = apply_overrides(tiny_moe(), ["train.device=cuda"])
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # refused before writing anything
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_matches_cpu_closely(tmp_path):
+    cfg = apply_overrides(tiny_engram(), ["train.steps=3"])
+    cpu = train(cfg, tmp_path / "cpu", progress=False)
+    gpu = train(apply_overrides(cfg, ["train.device=cuda"]), tmp_path / "gpu", progress=False)
+    assert gpu.val_loss == pytest.approx(cpu.val_loss, rel=1e-3)
