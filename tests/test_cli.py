@@ -117,3 +117,12 @@ def test_demo_pipeline_with_tiny_models(tmp_path, capsys):
     assert ((gates > 0) & (gates < 1)).all()
     summary = json.loads(result.summary_json.read_text())
     assert summary["engram"]["val_loss"] == result.engram.val_loss
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    """The real `engram demo --quick` (about 1.5 min; CI runs the tiny-model pipeline above)."""
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "Engram vs MoE: validation loss" in out
+    assert (tmp_path / "d" / "gate_heatmap.png").is_file()
