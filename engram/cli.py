@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -156,7 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         "split": "validation",
         "tokens": n_tokens,
         "val_loss": loss,
-        "perplexity": float(__import__("math").exp(loss)),
+        "perplexity": math.exp(loss),
     }
     if args.json:
         print(json.dumps(result))
@@ -169,11 +170,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from engram.plan import format_plan
-    from engram.presets import plan_for
+    from engram.presets import engram_template, plan_for
 
     base = _run_config(args, default_preset="demo-moe")
     layers = tuple(int(v) for v in args.layers.split(",")) if args.layers else (1,)
-    _, plan = plan_for(base, args.rho, layer_ids=layers)
+    _, plan = plan_for(base, args.rho, template=engram_template(layers))
     if args.json:
         print(json.dumps(plan.to_dict(), indent=1))
     else:

@@ -67,15 +67,19 @@ class Document:
         return f"{self.translation}/{self.book}/{self.chapter}"
 
 
-def _check_translations(translations: str | Iterable[str]) -> tuple[str, ...]:
+def check_translations(translations: str | Iterable[str]) -> tuple[str, ...]:
+    """The names as a tuple; ValueError for an unknown or repeated translation."""
     names = (translations,) if isinstance(translations, str) else tuple(translations)
     for name in names:
         if name not in TRANSLATIONS:
             raise ValueError(
                 f"unknown translation {name!r}; valid translations are {', '.join(TRANSLATIONS)}"
             )
-    if len(set(names)) != len(names):
-        raise ValueError(f"translations must be distinct, got {list(names)}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(
+            f"translations must be distinct, got {list(names)} ({', '.join(repeated)} repeats)"
+        )
     return names
 
 
@@ -240,7 +244,7 @@ def iter_builtin_documents(
     ``ValueError`` for an unknown (or repeated) translation name at call time, before reading
     anything; translations are parsed lazily, one at a time, as the iterator advances.
     """
-    names = _check_translations(translations)
+    names = check_translations(translations)
     return (doc for name in names for doc in _translation_documents(name))
 
 

@@ -87,7 +87,7 @@ import engram.corpus
 from engram.atomic import default_mode
 from engram.compress import default_cache_dir, tokenizer_fingerprint, tokenizer_vocab_size
 from engram.config import check_known_keys
-from engram.corpus import TRANSLATIONS, iter_builtin_documents
+from engram.corpus import TRANSLATIONS, check_translations, iter_builtin_documents
 from engram.indexer import NgramIndexer
 
 logger = logging.getLogger(__name__)
@@ -186,17 +186,12 @@ def _builtin_translations(source: str) -> tuple[str, ...] | None:
     if not source.startswith(BUILTIN + ":"):
         return None
     names = tuple(n.strip().lower() for n in source[len(BUILTIN) + 1 :].split(","))
-    valid = ", ".join(TRANSLATIONS)
     if not names or any(not n for n in names):
         raise DataError(f"source {source!r} lists no translation; expected e.g. 'builtin:kjv,web'")
-    for name in names:
-        if name not in TRANSLATIONS:
-            raise DataError(
-                f"unknown translation {name!r} in source {source!r}; valid ones are {valid}"
-            )
-    if len(set(names)) != len(names):
-        raise DataError(f"source {source!r} repeats a translation")
-    return names
+    try:
+        return check_translations(names)
+    except ValueError as e:
+        raise DataError(f"source {source!r}: {e}") from None
 
 
 def _source_path(source: str) -> Path:

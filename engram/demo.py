@@ -8,8 +8,8 @@ Design choices:
   step) and are validated on the same held-out chapters, so their losses are a paired comparison.
 - The run directory is resumable: running the demo again into the same directory continues (or,
   when finished, just re-reports) each model from its checkpoint instead of starting over.
-- The summary table reads each run's `metrics.jsonl`, so it reports the same numbers whether the
-  runs were trained now or earlier.
+- The summary table comes from `train`'s result, which reports a finished run from its
+  `metrics.jsonl`, so it gives the same numbers whether the runs were trained now or earlier.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from engram.plots import plot_gate_heatmap, plot_loss_curves
 from engram.presets import DEMO_RHO, demo_moe, plan_for, quick_moe
 from engram.run_config import RunConfig
 from engram.tokenizer import EOT_ID, load_builtin_tokenizer
-from engram.train import METRICS_FILE, load_trained, train
+from engram.train import METRICS_FILE, TrainResult, load_trained, read_metrics, train
 
 # Multi-token names and fixed phrases from the corpus' world (not a training sentence verbatim).
 GATE_SENTENCE = (
@@ -85,32 +84,23 @@ def demo_configs(quick: bool = False) -> tuple[RunConfig, RunConfig, Plan]:
     return base, engram_cfg, plan
 
 
-def summarize(cfg: RunConfig, out_dir: Path, counts: Any) -> RunSummary:
-    """The table row of a finished run, from its metrics file."""
-    records = [
-        json.loads(line)
-        for line in (out_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()
-        if line
-    ]
-    steps = [r for r in records if "step_s" in r]
-    vals = [r for r in records if "val_loss" in r]
-    if not steps or not vals:
-        raise ValueError(f"{out_dir / METRICS_FILE} holds no finished run")
-    timed = [r["step_s"] for r in steps[1:]] or [steps[0]["step_s"]]
-    step_s = statistics.median(timed)
+def summarize(cfg: RunConfig, result: TrainResult) -> RunSummary:
+    """The table row of a finished run."""
+    if result.val_loss is None:
+        raise ValueError(f"run {result.out_dir} has no validation loss yet")
     tokens_per_step = cfg.train.grad_accum * cfg.data.batch_size * cfg.data.seq_len
     return RunSummary(
         name=cfg.name,
-        out_dir=out_dir,
-        total_params=counts.total,
-        active_params=counts.active,
-        table_params=counts.table,
+        out_dir=result.out_dir,
+        total_params=result.counts.total,
+        active_params=result.counts.active,
+        table_params=result.counts.table,
         routed_experts=cfg.model.n_routed_experts,
-        steps=steps[-1]["step"],
-        tokens=steps[-1]["tokens"],
-        tokens_per_s=tokens_per_step / step_s,
-        step_s=step_s,
-        val_loss=vals[-1]["val_loss"],
+        steps=result.step,
+        tokens=result.step * tokens_per_step,
+        tokens_per_s=result.tokens_per_s,
+        step_s=result.step_time_s,
+        val_loss=result.val_loss,
     )
 
 
@@ -164,7 +154,7 @@ def run_demo(
         run_dir = out / cfg.name
         echo(f"== training {cfg.name} -> {run_dir}")
         result = train(cfg, run_dir, progress=progress, data=data)
-        summaries.append(summarize(cfg, run_dir, result.counts))
+        summaries.append(summarize(cfg, result))
     base, eng = summaries
 
     echo("")
@@ -177,7 +167,7 @@ def run_demo(
     )
 
     loss_png = plot_loss_curves(
-        {s.name: _records(s.out_dir) for s in summaries},
+        {s.name: read_metrics(s.out_dir / METRICS_FILE) for s in summaries},
         out / "loss_curves.png",
         title=f"MoE vs Engram (rho={DEMO_RHO}) on {base_cfg.data.source}",
     )
@@ -206,8 +196,3 @@ def run_demo(
     )
     echo(f"wrote {loss_png}, {gate_png} and {summary_json}")
     return DemoResult(plan, base, eng, reading, loss_png, gate_png, summary_json)
-
-
-def _records(run_dir: Path) -> list[dict[str, Any]]:
-    text = (run_dir / METRICS_FILE).read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line]

@@ -49,17 +49,26 @@ def engram_template(layer_ids: tuple[int, ...] = (1,)) -> EngramConfig:
     )
 
 
-def plan_for(baseline: RunConfig, rho: float = DEMO_RHO, name: str | None = None,
-             layer_ids: tuple[int, ...] = (1,)) -> tuple[RunConfig, Plan]:  # fmt: skip
-    """The iso-parameter, iso-FLOP Engram version of an MoE baseline run, and its plan."""
+def plan_for(
+    baseline: RunConfig,
+    rho: float = DEMO_RHO,
+    name: str | None = None,
+    template: EngramConfig | None = None,
+    tolerance: float = 0.01,
+) -> tuple[RunConfig, Plan]:
+    """The iso-parameter, iso-FLOP Engram version of an MoE baseline run, and its plan.
+
+    `template` is the memory's shape (default `engram_template()`); its sizes are planned.
+    """
     comp = _builtin_compressor()
     plan = plan_allocation(
         baseline.model,
-        engram_template(layer_ids),
+        template if template is not None else engram_template(),
         rho,
         compressed_vocab_size=comp.compressed_vocab_size,
         pad_id=comp.compress_id(EOT_ID),
         seq_len=baseline.data.seq_len,
+        tolerance=tolerance,
     )
     cfg = replace(baseline, name=name or f"engram-rho{rho:g}", model=plan.model, engram=plan.engram)
     return cfg, plan
@@ -130,15 +139,9 @@ def tiny_moe() -> RunConfig:
 
 
 def tiny_engram() -> RunConfig:
-    base = tiny_moe()
-    comp = _builtin_compressor()
+    """`tiny_moe` with half its sparse budget in a small table (2 heads x 8 dims per order)."""
     template = replace(engram_template((1,)), n_embed_per_ngram=16, n_head_per_ngram=2)
-    plan = plan_allocation(
-        base.model, template, 0.5,
-        compressed_vocab_size=comp.compressed_vocab_size,
-        pad_id=comp.compress_id(EOT_ID), seq_len=base.data.seq_len, tolerance=0.05,
-    )  # fmt: skip
-    return replace(base, name="tiny-engram", model=plan.model, engram=plan.engram)
+    return plan_for(tiny_moe(), 0.5, name="tiny-engram", template=template, tolerance=0.05)[0]
 
 
 def dense() -> RunConfig:

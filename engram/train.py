@@ -161,7 +161,9 @@ def evaluate(
     return total / n
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (empty if it does not exist yet)."""
+    path = Path(path)
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
@@ -239,7 +241,7 @@ def train(
             opt.load_state_dict(optim_state)
         set_rng_state(ckpt.state["rng"])
         start = ckpt.step
-        kept = [m for m in _read_metrics(metrics_path) if m["step"] <= start]
+        kept = [m for m in read_metrics(metrics_path) if m["step"] <= start]
         atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
     elif metrics_path.exists():
         metrics_path.unlink()
@@ -340,10 +342,10 @@ def train(
     if end == tc.steps:
         from engram.plots import plot_loss_curves
 
-        plot_loss_curves({cfg.name: _read_metrics(metrics_path)}, out / "loss.png")
+        plot_loss_curves({cfg.name: read_metrics(metrics_path)}, out / "loss.png")
     assert ckpt_path is not None
     if not history:  # nothing left to train: report the finished run from its metrics
-        past = _read_metrics(metrics_path)
+        past = read_metrics(metrics_path)
         step_times = [r["step_s"] for r in past if "step_s" in r]
         train_loss = past[-1]["loss"] if past else None
         val_loss = next((r["val_loss"] for r in reversed(past) if "val_loss" in r), None)
