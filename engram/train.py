@@ -28,7 +28,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,7 +201,6 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     data: DataSplits | None = None,
-    on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train `cfg` into `out_dir`, resuming from its latest checkpoint when there is one.
 
@@ -323,8 +322,6 @@ def train(
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 history.append(rec)
-                if on_step is not None:
-                    on_step(rec)
                 bar.update(1)
                 post = {"loss": f"{train_loss:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
                 if val_loss is not None:
