@@ -22,3 +22,36 @@ def gpt2_compressor(
     return TokenizerCompressor.from_tokenizer(
         gpt2_tokenizer, tmp_path_factory.mktemp("engram-cache")
     )
+
+
+@pytest.fixture(scope="session")
+def analysis_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One private ENGRAM_CACHE_DIR shared by the analysis tests (tokenized corpus, compressor)."""
+    return tmp_path_factory.mktemp("analysis-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory, analysis_cache):
+    """Two finished tiny runs, trained once per session: {"engram": dir, "moe": dir}.
+
+    The Engram run is `tiny_engram` (one Engram layer at block 1, M=1); the baseline `tiny_moe`.
+    Tests that load them must set ENGRAM_CACHE_DIR to `analysis_cache` (see `analysis_env`).
+    """
+    from engram.presets import tiny_engram, tiny_moe
+    from engram.train import train
+
+    root = tmp_path_factory.mktemp("tiny-runs")
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ENGRAM_CACHE_DIR", str(analysis_cache))
+        for key, make in (("engram", tiny_engram), ("moe", tiny_moe)):
+            out[key] = root / key
+            train(make(), out[key], progress=False)
+    return out
+
+
+@pytest.fixture
+def analysis_env(analysis_cache, monkeypatch: pytest.MonkeyPatch):
+    """Point the library's caches at the session's private analysis cache."""
+    monkeypatch.setenv("ENGRAM_CACHE_DIR", str(analysis_cache))
+    return analysis_cache
