@@ -12,6 +12,7 @@ Commands:
 - ``engram train``: train a preset or config file on the built-in corpus or the user's text.
 - ``engram eval``: validation loss and perplexity of a checkpoint.
 - ``engram plan``: the expert/table allocation that matches an MoE's params and FLOPs.
+- ``engram sweep``: loss against rho at equal params/FLOPs, and against table size.
 - ``engram info``: the memory configuration's figures; ``engram rows TEXT``: rows per token.
 """
 
@@ -181,6 +182,48 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(format_plan(plan))
 
 
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise CLIError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from engram.presets import engram_template
+    from engram.sweep import SweepConfig, format_sweep, run_sweep
+
+    base = _run_config(args, default_preset="demo-moe")
+    if args.data and not str(args.data).startswith("builtin") and not Path(args.data).exists():
+        raise CLIError(f"--data {args.data!r} does not exist; expected a file or directory")
+    kwargs: dict = {}
+    for name, value in (("rhos", _floats(args.rhos, "--rhos")),
+                        ("table_scales", _floats(args.table_scales, "--table-scales"))):  # fmt: skip
+        if value is not None:
+            kwargs[name] = value
+    if args.table_rho is not None:
+        kwargs["table_rho"] = args.table_rho
+    if args.seeds is not None:
+        seeds = _floats(args.seeds, "--seeds") or ()
+        if any(s != int(s) for s in seeds):
+            raise CLIError(f"--seeds must be integers, got {args.seeds!r}")
+        kwargs["seeds"] = tuple(int(s) for s in seeds)
+    layers = tuple(int(v) for v in args.layers.split(",")) if args.layers else (1,)
+    result = run_sweep(
+        args.out, base, SweepConfig(**kwargs), template=engram_template(layers),
+        progress=not args.no_progress, echo=(lambda _: None) if args.json else print,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(format_sweep(result))
+        print("wrote " + ", ".join(str(v) for v in result.files.values()))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from engram.demo import run_demo
 
@@ -240,6 +283,25 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--layers", help="comma-separated 0-based Engram layer ids (default: 1)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=cmd_plan)
+
+    sw = sub.add_parser(
+        "sweep", help="validation loss against rho at a fixed budget, and against table size",
+    )  # fmt: skip
+    run_source(sw)
+    sw.add_argument("--data", help="builtin[:kjv,web,...], or a .txt/.jsonl/.parquet file or dir")
+    sw.add_argument("--out", default="engram-sweep", help="sweep directory (resumed)")
+    sw.add_argument("--steps", type=int, help="optimizer steps per run (train.steps)")
+    sw.add_argument("--rhos", help="comma-separated rho values (default 1,0.875,0.75,0.5,0.25)")
+    sw.add_argument(
+        "--table-scales",
+        help="table sizes as multiples of the planned one (default 0.0625,0.25,1,4,16; 'none')",
+    )
+    sw.add_argument("--table-rho", type=float, help="backbone of the table sweep (default 0.75)")
+    sw.add_argument("--seeds", help="comma-separated train seeds (default 0)")
+    sw.add_argument("--layers", help="comma-separated 0-based Engram layer ids (default: 1)")
+    sw.add_argument("--json", action="store_true", help="print the result as JSON")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sw.set_defaults(func=cmd_sweep)
 
     i = sub.add_parser("info", help="print the memory's figures for a configuration")
     common(i)

@@ -106,3 +106,37 @@ def plot_gate_heatmap(
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="gate a")
     return _save(fig, path)
+
+
+def plot_sweep_curve(
+    xs: Sequence[float],
+    losses: Sequence[Sequence[float]],
+    path: str | os.PathLike[str],
+    *,
+    xlabel: str,
+    title: str,
+    log_x: bool = False,
+    invert_x: bool = False,
+) -> Path:
+    """Validation loss against a swept quantity: each seed as a dot, the mean as a line."""
+    if len(xs) != len(losses) or not xs:
+        raise ValueError(f"need one loss list per x value, got {len(xs)} x and {len(losses)}")
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot(1, 1, 1)
+    means = [float(np.mean(v)) for v in losses]
+    for x, v in zip(xs, losses, strict=True):
+        ax.plot([x] * len(v), v, "o", color="tab:gray", ms=4, alpha=0.6)
+    ax.plot(xs, means, "o-", color="tab:blue", lw=1.8, ms=6,
+            label="mean over seeds" if max(map(len, losses)) > 1 else "validation loss")  # fmt: skip
+    best = int(np.argmin(means))
+    ax.plot([xs[best]], [means[best]], "*", color="tab:red", ms=14, label="lowest")
+    if log_x:
+        ax.set_xscale("log")
+    if invert_x:
+        ax.invert_xaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,316 @@
+"""`engram sweep`: the allocation sweep (loss against rho) and the table-size sweep.
+
+Two experiments from the paper (SPEC section 5), on the built-in corpus or the user's:
+
+- **rho sweep**: the same total-parameter and active-FLOP budget at several rho (the fraction of
+  the sparse budget kept in routed experts). rho = 1 is the MoE baseline itself; every other
+  point is `plan_for(baseline, rho)`, so all points have the same total parameters and the
+  same active FLOPs within the planner's tolerance. The paper finds a U-shape with its minimum
+  near rho = 0.75-0.8.
+- **table-size sweep**: a FIXED backbone (the rho = `table_rho` model, its experts unchanged)
+  with tables scaled by several factors of the planned size, so only the number of table
+  slots changes: validation loss against log(slots). Here total parameters grow with the
+  table; active FLOPs do not.
+
+Design choices:
+- Each point is an ordinary run directory trained by `engram.train.train`, so a sweep resumes
+  where it stopped (finished runs are re-reported from their metrics, a half-trained one
+  continues from its last checkpoint; `ckpt_every` is set so an interruption loses at most a
+  quarter of a run) and any point can be inspected with the other commands.
+- Points with identical configs are trained once (the table sweep's x1 point is the rho sweep's
+  point at `table_rho`); run names are derived from the point, not counted, so adding a rho to
+  a finished sweep trains only the new one.
+- Data is prepared once and shared by every run (same tokens, same validation split): the
+  points are a paired comparison, as in the demo. Several seeds give the spread that tells a
+  real effect from seed noise; the plots show each seed and the mean.
+- `sweep.json` and the plots are rewritten after every finished point, so a long sweep can be
+  watched and an interrupted one still leaves its partial figure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engram.atomic import atomic_write_text
+from engram.config import EngramConfig
+from engram.data import DataSplits, prepare_data
+from engram.presets import DEMO_RHO, plan_for
+from engram.run_config import RunConfig
+from engram.tokenizer import EOT_ID, load_builtin_tokenizer
+
+SWEEP_FILE = "sweep.json"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What to sweep; the baseline (an MoE run config) is passed separately."""
+
+    rhos: tuple[float, ...] = (1.0, 0.875, 0.75, 0.5, 0.25)  # the paper's grid, 1.0 = pure MoE
+    table_scales: tuple[float, ...] = (
+        0.0625,
+        0.25,
+        1.0,
+        4.0,
+        16.0,
+    )  # x the planned table; () = skip
+    table_rho: float = DEMO_RHO  # the backbone of the table-size sweep (its experts stay fixed)
+    seeds: tuple[int, ...] = (0,)  # train.seed per repetition: init and batch order
+    tolerance: float = 0.01  # the planner's allowed total-param / FLOP gap
+
+    def __post_init__(self) -> None:
+        if not self.rhos and not self.table_scales:
+            raise ValueError("nothing to sweep: give at least one rho or one table scale")
+        for r in (*self.rhos, self.table_rho):
+            if not 0.0 <= r <= 1.0 or math.isnan(r):
+                raise ValueError(f"rho must be in [0, 1], got {r}")
+        if self.table_scales and self.table_rho == 1.0:
+            raise ValueError("table_rho=1.0 has no table to scale; use a rho below 1")
+        for s in self.table_scales:
+            if not s > 0 or math.isinf(s):
+                raise ValueError(f"table scales must be positive and finite, got {s}")
+        if not self.seeds or any(s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be non-empty and >= 0, got {self.seeds}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
+
+
+@dataclass
+class SweepPoint:
+    """One trained configuration of the sweep."""
+
+    kind: str  # "rho" or "table"
+    rho: float  # requested fraction of the sparse budget in experts (1.0 = the MoE baseline)
+    table_scale: float  # x the planned table at this rho (1.0 on the rho sweep)
+    seed: int
+    run: str  # run directory name under the sweep directory
+    achieved_rho: float
+    routed_experts: int
+    table_slots: int  # rows over all Engram layers (0 for the MoE)
+    total_params: int
+    active_params: int
+    flops_per_token: int
+    val_loss: float | None = None
+    step: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+@dataclass
+class SweepResult:
+    out_dir: Path
+    points: list[SweepPoint]
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir),
+            "points": [p.to_dict() for p in self.points],
+            "rho_curve": rho_curve(self.points),
+            "table_curve": table_curve(self.points),
+            "files": {k: str(v) for k, v in self.files.items()},
+        }
+
+
+def _scaled(engram: EngramConfig, scale: float) -> EngramConfig:
+    sizes = tuple(max(2, round(v * scale)) for v in engram.engram_vocab_size)
+    return replace(engram, engram_vocab_size=sizes)
+
+
+def _config_key(cfg: RunConfig) -> str:
+    d = cfg.to_dict()
+    d.pop("name")
+    return json.dumps(d, sort_keys=True)
+
+
+def sweep_points(
+    baseline: RunConfig,
+    sweep: SweepConfig,
+    template: EngramConfig | None = None,
+) -> list[tuple[SweepPoint, RunConfig]]:
+    """Every point of the sweep with its run config, in training order (nothing is trained).
+
+    Points whose configs are identical share one run (and one name).
+    """
+    from engram.compress import TokenizerCompressor
+    from engram.hashing import NgramHasher
+    from engram.model import count_params, flops_per_token
+    from engram.plan import PlanError
+
+    comp = TokenizerCompressor.from_tokenizer(load_builtin_tokenizer())
+    e0, k = baseline.model.n_routed_experts, baseline.model.moe_top_k
+    names: dict[str, str] = {}
+    out: list[tuple[SweepPoint, RunConfig]] = []
+
+    def add(kind: str, rho: float, scale: float, seed: int, cfg: RunConfig) -> None:
+        rows: dict[int, int] = {}
+        if cfg.engram is not None:
+            hasher = NgramHasher.from_config(
+                cfg.engram, comp.compressed_vocab_size, comp.compress_id(EOT_ID)
+            )
+            rows = {lid: hasher.total_rows(lid) for lid in cfg.engram.layer_ids}
+        counts = count_params(cfg.model, cfg.engram, rows or None)
+        every = cfg.train.ckpt_every or max(1, baseline.train.steps // 4)
+        cfg = replace(cfg, train=replace(cfg.train, seed=seed, ckpt_every=every))
+        key = _config_key(cfg)
+        tag = f"rho{rho:g}" if kind == "rho" else f"rho{rho:g}-table{scale:g}x"
+        name = names.setdefault(key, f"{tag}-s{seed}")
+        point = SweepPoint(
+            kind=kind, rho=rho, table_scale=scale, seed=seed, run=name,
+            achieved_rho=(cfg.model.n_routed_experts - k) / (e0 - k) if e0 > k else 1.0,
+            routed_experts=cfg.model.n_routed_experts, table_slots=sum(rows.values()),
+            total_params=counts.total, active_params=counts.active,
+            flops_per_token=flops_per_token(cfg.model, cfg.engram, baseline.data.seq_len),
+        )  # fmt: skip
+        out.append((point, replace(cfg, name=name)))
+
+    def planned(rho: float) -> RunConfig:
+        try:
+            return plan_for(baseline, rho, template=template, tolerance=sweep.tolerance)[0]
+        except PlanError as e:
+            raise PlanError(f"rho={rho:g}: {e}") from e
+
+    for seed in sweep.seeds:
+        for rho in sweep.rhos:
+            add("rho", rho, 1.0, seed, baseline if rho == 1.0 else planned(rho))
+        if sweep.table_scales:
+            cfg = planned(sweep.table_rho)
+            assert cfg.engram is not None
+            for scale in sweep.table_scales:
+                add("table", sweep.table_rho, scale, seed,
+                    replace(cfg, engram=_scaled(cfg.engram, scale)))  # fmt: skip
+    return out
+
+
+def _curve(points: Sequence[SweepPoint], kind: str, x: str) -> list[dict[str, Any]]:
+    """Per x value: every seed's loss, their mean and spread (finished points only)."""
+    by_x: dict[float, list[SweepPoint]] = {}
+    for p in points:
+        if p.kind == kind and p.val_loss is not None:
+            by_x.setdefault(getattr(p, x), []).append(p)
+    curve = []
+    for xv in sorted(by_x, reverse=kind == "rho"):
+        ps = by_x[xv]
+        losses = [float(p.val_loss) for p in ps if p.val_loss is not None]
+        curve.append(
+            {
+                x: xv,
+                "table_slots": ps[0].table_slots,
+                "routed_experts": ps[0].routed_experts,
+                "total_params": ps[0].total_params,
+                "seeds": [p.seed for p in ps],
+                "val_loss": losses,
+                "mean": float(np.mean(losses)),
+                "std": float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0,
+            }
+        )
+    return curve
+
+
+def rho_curve(points: Sequence[SweepPoint]) -> list[dict[str, Any]]:
+    """Validation loss against rho (descending rho, as the paper draws it)."""
+    return _curve(points, "rho", "rho")
+
+
+def table_curve(points: Sequence[SweepPoint]) -> list[dict[str, Any]]:
+    """Validation loss against the table scale (and slots) at the fixed backbone."""
+    return _curve(points, "table", "table_scale")
+
+
+def plot_sweep(result: SweepResult) -> dict[str, Path]:
+    """`sweep_rho.png` and `sweep_table.png` (each only when that sweep has finished points)."""
+    from engram.plots import plot_sweep_curve
+
+    files = {}
+    rc, tc = rho_curve(result.points), table_curve(result.points)
+    if rc:
+        files["rho_png"] = plot_sweep_curve(
+            [c["rho"] for c in rc], [c["val_loss"] for c in rc],
+            result.out_dir / "sweep_rho.png",
+            xlabel="rho: fraction of the sparse budget in routed experts (1 = MoE baseline)",
+            title="Allocation sweep at equal total params and active FLOPs", invert_x=True,
+        )  # fmt: skip
+    if tc:
+        files["table_png"] = plot_sweep_curve(
+            [c["table_slots"] for c in tc], [c["val_loss"] for c in tc],
+            result.out_dir / "sweep_table.png",
+            xlabel="Engram table slots (all layers, log scale)", log_x=True,
+            title="Table-size sweep at a fixed backbone",
+        )  # fmt: skip
+    return files
+
+
+def _write(result: SweepResult) -> None:
+    result.files.update(plot_sweep(result))
+    path = result.out_dir / SWEEP_FILE
+    result.files["json"] = path
+    atomic_write_text(path, json.dumps(result.to_dict(), indent=1) + "\n")
+
+
+def run_sweep(
+    out_dir: str | os.PathLike[str],
+    baseline: RunConfig,
+    sweep: SweepConfig | None = None,
+    *,
+    template: EngramConfig | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+    data: DataSplits | None = None,
+) -> SweepResult:
+    """Train every point of the sweep into `out_dir/<run>` (resuming), then plot and summarise."""
+    from engram.train import train
+
+    if baseline.model.ffn != "moe":
+        raise ValueError(
+            f"the sweep's baseline must be an MoE run (model.ffn='moe'), got {baseline.model.ffn!r}"
+        )
+    sweep = sweep or SweepConfig()
+    out = Path(out_dir)
+    plan = sweep_points(baseline, sweep, template)
+    if data is None:
+        data = prepare_data(baseline.data, load_builtin_tokenizer(), EOT_ID)
+    result = SweepResult(out, [p for p, _ in plan])
+    done: dict[str, tuple[float | None, int]] = {}
+    for i, (point, cfg) in enumerate(plan):
+        if point.run not in done:
+            echo(
+                f"== [{i + 1}/{len(plan)}] {point.run}: {point.routed_experts} experts, "
+                f"{point.table_slots:,} table slots, {point.total_params:,} params"
+            )
+            r = train(cfg, out / point.run, progress=progress, data=data)
+            done[point.run] = (r.val_loss, r.step)
+        point.val_loss, point.step = done[point.run]
+        _write(result)
+    return result
+
+
+def format_sweep(result: SweepResult) -> str:
+    """The two curves as text tables."""
+    lines = []
+    rc, tc = rho_curve(result.points), table_curve(result.points)
+    if rc:
+        lines.append("rho    experts  table slots   total params   val loss (per seed)  mean")
+        for c in rc:
+            per = ", ".join(f"{v:.4f}" for v in c["val_loss"])
+            lines.append(
+                f"{c['rho']:<6g} {c['routed_experts']:>7}  {c['table_slots']:>11,}  "
+                f"{c['total_params']:>13,}   {per:<19}  {c['mean']:.4f}"
+            )
+    if tc:
+        lines.append("")
+        lines.append("scale   table slots   total params   val loss (per seed)  mean")
+        for c in tc:
+            per = ", ".join(f"{v:.4f}" for v in c["val_loss"])
+            lines.append(
+                f"{c['table_scale']:<6g}  {c['table_slots']:>11,}  {c['total_params']:>13,}   "
+                f"{per:<19}  {c['mean']:.4f}"
+            )
+    return "\n".join(lines)
