@@ -145,6 +145,12 @@ def sweep_points(
     from engram.model import count_params, flops_per_token
     from engram.plan import PlanError
 
+    if baseline.model.ffn != "moe" or baseline.engram is not None:
+        raise ValueError(
+            f"the sweep's baseline must be an MoE run without Engram memory (model.ffn='moe', "
+            f"no engram config), got {baseline.name!r} with ffn={baseline.model.ffn!r} and "
+            f"{'an' if baseline.engram is not None else 'no'} engram config"
+        )
     comp = TokenizerCompressor.from_tokenizer(load_builtin_tokenizer())
     e0, k = baseline.model.n_routed_experts, baseline.model.moe_top_k
     names: dict[str, str] = {}
@@ -268,10 +274,6 @@ def run_sweep(
     """Train every point of the sweep into `out_dir/<run>` (resuming), then plot and summarise."""
     from engram.train import train
 
-    if baseline.model.ffn != "moe":
-        raise ValueError(
-            f"the sweep's baseline must be an MoE run (model.ffn='moe'), got {baseline.model.ffn!r}"
-        )
     sweep = sweep or SweepConfig()
     out = Path(out_dir)
     plan = sweep_points(baseline, sweep, template)

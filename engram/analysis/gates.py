@@ -80,3 +80,29 @@ def gate_values(model: EngramLM, indexer: NgramIndexer, text: str) -> GateReadin
     tokens = [indexer.token_text(int(t)) for t in ids]
     gates = {lid: torch.cat(v, dim=0)[0].float().numpy() for lid, v in rec.items()}  # (T, M)
     return GateReading(tokens, gates)
+
+
+@torch.no_grad()
+def gate_values_ids(model: EngramLM, indexer: NgramIndexer, ids: Any) -> GateReading:
+    """Like `gate_values`, for raw token ids (T,) of one sequence instead of a text."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.ndim != 1 or len(ids) == 0:
+        raise ValueError(f"ids must be one non-empty sequence (T,), got shape {ids.shape}")
+    max_len = model.cfg.max_seq_len
+    if len(ids) > max_len:
+        raise ValueError(f"the sequence is {len(ids)} tokens; the model reads at most {max_len}")
+    if not model.engram_layers():
+        raise ValueError("this model has no Engram layers: there are no gates to read")
+    x = torch.as_tensor(ids, dtype=torch.long)[None]  # (1, T)
+    rows = torch.as_tensor(indexer.rows(ids[None]))  # (L, 1, T, H)
+    device = model.tok_emb.weight.device
+    was_training = model.training
+    model.eval()
+    try:
+        with record_gates(model) as rec:
+            model(x.to(device), rows.to(device))
+    finally:
+        model.train(was_training)
+    tokens = [indexer.token_text(int(t)) for t in ids]
+    gates = {lid: torch.cat(v, dim=0)[0].float().cpu().numpy() for lid, v in rec.items()}
+    return GateReading(tokens, gates)
