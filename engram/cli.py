@@ -13,6 +13,7 @@ Commands:
 - ``engram eval``: validation loss and perplexity of a checkpoint.
 - ``engram plan``: the expert/table allocation that matches an MoE's params and FLOPs.
 - ``engram sweep``: loss against rho at equal params/FLOPs, and against table size.
+- ``engram analyze gates|sensitivity|lens|cka|memory``: what the memory learned, as files.
 - ``engram info``: the memory configuration's figures; ``engram rows TEXT``: rows per token.
 """
 
@@ -224,6 +225,150 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         print("wrote " + ", ".join(str(v) for v in result.files.values()))
 
 
+def _check_data(data: str | None) -> None:
+    if data and not str(data).startswith("builtin") and not Path(data).exists():
+        raise CLIError(f"--data {data!r} does not exist; expected a file or directory")
+
+
+def _parse_row(text: str) -> tuple[int, int, int]:
+    parts = text.split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        layer, head, row = (int(v) for v in parts)
+    except ValueError:
+        raise CLIError(f"--row must be LAYER:HEAD:ROW (three integers), got {text!r}") from None
+    return layer, head, row
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    _check_data(getattr(args, "data", None))
+    out = Path(args.out)
+    what = args.analysis
+    if what == "gates":
+        from engram.analysis.gate_report import analyze_gates
+
+        if args.text is not None and args.text_file is not None:
+            raise CLIError("give either --text or --text-file, not both")
+        text = args.text
+        if args.text_file is not None:
+            text = Path(args.text_file).read_text(encoding="utf-8")
+        report = analyze_gates(args.ckpt[0], out, text=text)
+    elif what == "sensitivity":
+        from engram.analysis.sensitivity import analyze_sensitivity
+
+        report = analyze_sensitivity(
+            args.ckpt[0], out, max_batches=args.batches, data_source=args.data
+        )
+    elif what == "lens":
+        from engram.analysis.lens import analyze_logit_lens
+
+        names = [Path(c).resolve().name or str(c) for c in args.ckpt]
+        if len(set(names)) < len(names):
+            names = [f"{n} ({i + 1})" for i, n in enumerate(names)]
+        report = analyze_logit_lens(
+            dict(zip(names, args.ckpt, strict=True)), out, max_batches=args.batches or 8,
+            data_source=args.data,
+        )  # fmt: skip
+    elif what == "cka":
+        from engram.analysis.cka import analyze_cka
+
+        if len(args.ckpt) != 2:
+            raise CLIError(f"cka compares two runs: give --ckpt twice, got {len(args.ckpt)}")
+        report = analyze_cka(
+            args.ckpt[0], args.ckpt[1], out, max_batches=args.batches or 8, data_source=args.data
+        )
+    else:
+        from engram.analysis.memory import analyze_memory
+
+        report = analyze_memory(
+            args.ckpt[0], out, ngrams=args.ngram or (),
+            rows=[_parse_row(r) for r in args.row or ()], data_source=args.data,
+        )  # fmt: skip
+    d = report.to_dict()
+    if args.json:
+        print(json.dumps(d, indent=1))
+    else:
+        print("\n".join(_ANALYSIS_TEXT[what](d)))
+        print(f"wrote into {out}/")
+
+
+def _lens_text(d: dict) -> list[str]:
+    lines = [f"mean KL(final || layer) in nats over {d['n_tokens']:,} validation tokens"]
+    for name, r in d["runs"].items():
+        cells = "  ".join(f"{lab}:{v:.4f}" for lab, v in zip(r["layers"], r["kl"], strict=True))
+        lines.append(f"  {name:<12} {cells}")
+    return lines
+
+
+def _cka_text(d: dict) -> list[str]:
+    a, b = d["run_a"]["name"], d["run_b"]["name"]
+    lines = [f"linear CKA, rows = {a} layers, columns = {b} layers ({d['n_tokens']:,} tokens)"]
+    lines.append("       " + " ".join(f"{c:>6}" for c in d["cols"]))
+    for lab, row in zip(d["rows"], d["cka"], strict=True):
+        lines.append(f"  {lab:>4} " + " ".join(f"{v:6.3f}" for v in row))
+    return lines
+
+
+def _memory_text(d: dict) -> list[str]:
+    lines = []
+    for layer in d["layers"]:
+        lines.append(
+            f"layer {layer['layer_id']}: {layer['frac_rows_hit']:.2%} of rows hit by a frequent "
+            f"n-gram; {layer['mean_collisions']:.2f} collisions per frequent n-gram "
+            f"(uniform hashing: {layer['expected_collisions_uniform']:.2f})"
+        )
+    for q in d["ngrams"]:
+        lines.append(f"n-gram {q['tokenized']!r}:")
+        for h in q["hits"]:
+            lines.append(
+                f"  layer {h['layer_id']} head {h['head']} ({h['ngram_text']!r}, count "
+                f"{h['count']}): row {h['local_row']}, norm {h['norm']:.3f} "
+                f"(p{h['norm_percentile']:.0f}), {h['n_colliding']} colliding n-grams"
+            )
+    for r in d["rows"]:
+        top = ", ".join(f"{g['text']!r} x{g['count']}" for g in r["ngrams"][:5])
+        lines.append(
+            f"row {r['layer_id']}:{r['head']}:{r['local_row']} (norm {r['norm']:.3f}): "
+            f"{r['n_ngrams']} frequent n-grams: {top}"
+        )
+    return lines
+
+
+def _gates_text(d: dict) -> list[str]:
+    lines = [f"{d['n_tokens_read']} tokens" + (" (truncated)" if d["truncated"] else "")]
+    for label, values in d["rows"].items():
+        lines.append(f"  {label}: mean gate {sum(values) / len(values):.3f}")
+    for key in ("highest", "lowest"):
+        items = ", ".join(f"{r['token']!r} {r['mean_gate']:.2f}" for r in d["ranking"][key][:8])
+        lines.append(f"{key} gates: {items}")
+    return lines
+
+
+def _sensitivity_text(d: dict) -> list[str]:
+    loss = d["val_loss"]
+    lines = [f"validation loss over {d['n_tokens']:,} tokens:"]
+    lines += [f"  {name:<24} {v:.4f}" for name, v in loss.items()]
+    st = d["delta"]
+    lines.append(
+        f"per-token loss change with Engram off: mean {st['mean']:+.4f}, median "
+        f"{st['median']:+.4f}, {st['frac_positive']:.1%} of tokens lose"
+    )
+    types = ", ".join(f"{t['token']!r} {t['mean_delta']:+.2f}"
+                      for t in d["token_types_losing_most"][:8])  # fmt: skip
+    lines.append(f"token types losing the most: {types}")
+    return lines
+
+
+_ANALYSIS_TEXT = {
+    "gates": _gates_text,
+    "sensitivity": _sensitivity_text,
+    "lens": _lens_text,
+    "cka": _cka_text,
+    "memory": _memory_text,
+}
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from engram.demo import run_demo
 
@@ -302,6 +447,41 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--json", action="store_true", help="print the result as JSON")
     sw.add_argument("--no-progress", action="store_true", help="no progress bars")
     sw.set_defaults(func=cmd_sweep)
+
+    an = sub.add_parser(
+        "analyze", help="see what the memory learned: gates, sensitivity, lens, cka, memory",
+    )  # fmt: skip
+    asub = an.add_subparsers(dest="analysis", required=True)
+
+    def analysis(name: str, help_: str, n_ckpt: str = "one") -> argparse.ArgumentParser:
+        sp = asub.add_parser(name, help=help_, description=help_)
+        ckpt_help = "run or checkpoint directory" + (
+            " (twice: the two runs to compare)" if n_ckpt == "two" else ""
+        )
+        sp.add_argument("--ckpt", required=True, action="append", help=ckpt_help)
+        sp.add_argument("--out", default="engram-analysis", help="output directory")
+        sp.add_argument("--json", action="store_true", help="print the summary as JSON")
+        sp.set_defaults(func=cmd_analyze)
+        return sp
+
+    def on_data(sp: argparse.ArgumentParser, batches: str) -> None:
+        sp.add_argument("--data", help="text to read (default: the run's own validation split)")
+        sp.add_argument("--batches", type=int, help=f"validation batches to read ({batches})")
+
+    g = analysis("gates", "gate value per token, Engram layer and branch, over a text")
+    g.add_argument("--text", help="the text (default: a sentence with names and fixed phrases)")
+    g.add_argument("--text-file", help="read the text from this file")
+    se = analysis("sensitivity", "loss with Engram switched off at inference, per token")
+    on_data(se, "default all")
+    le = analysis("lens", "LogitLens: KL from each layer's early exit to the final one", "two")
+    on_data(le, "default 8")
+    ck = analysis("cka", "linear CKA between every layer of two models", "two")
+    on_data(ck, "default 8")
+    me = analysis("memory", "rows an n-gram hits, their norms and collisions; n-grams of a row")
+    me.add_argument("--ngram", action="append", help="an n-gram to look up (repeatable)")
+    me.add_argument("--row", action="append", metavar="LAYER:HEAD:ROW",
+                    help="a row to explain, local to its sub-table (repeatable)")  # fmt: skip
+    me.add_argument("--data", help="corpus to count n-grams on (default: the run's own)")
 
     i = sub.add_parser("info", help="print the memory's figures for a configuration")
     common(i)

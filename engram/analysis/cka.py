@@ -19,8 +19,8 @@ Design choices:
   with its own rows (the two models may have different Engram configurations, or none), and
   refuses batches whose tokens differ. Every token of every batch counts.
 - `analyze_cka` loads two runs, reads them on the first run's validation tokens and writes
-  `cka.png` (heatmap: rows = run A's layers, columns = run B's; "emb" = embedding output, "i" =
-  after block i) and `cka.json`, both atomically.
+  `cka.png` (heatmap: rows = run A's layers, columns = run B's; "emb" = embedding output, "i" = the
+  output of the i-th block, 0-based index i-1) and `cka.json`, both atomically.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from engram.analysis.hidden import PathLike, block_outputs, load_runs, shared_val_data, val_inputs
-from engram.analysis.lens import layer_labels
+from engram.analysis.lens import check_max_batches, layer_labels
 from engram.atomic import atomic_write_text
 from engram.model import EngramLM
 from engram.plots import _save
@@ -205,7 +205,7 @@ def cka_matrix(
 
     `batches_a` and `batches_b` yield (x (B, T), rows or None) for the SAME tokens x, each with
     the rows of its own model (as `val_inputs` does). Returns float64 (La + 1, Lb + 1): rows are
-    model A's layers, columns model B's (0 = embedding output, i = after block i-1).
+    model A's layers, columns model B's (0 = embedding output, i = after 0-based block i-1).
     """
     return _cka(model_a, model_b, batches_a, batches_b)[0]
 
@@ -236,7 +236,9 @@ def _cka(
             )
         ha = block_outputs(model_a, xa, rows_a)  # La + 1 of (B, T, D_a)
         hb = block_outputs(model_b, xb, rows_b)  # Lb + 1 of (B, T, D_b)
-        acc.update([h.reshape(-1, h.shape[-1]) for h in ha], [h.reshape(-1, h.shape[-1]) for h in hb])
+        acc.update(
+            [h.reshape(-1, h.shape[-1]) for h in ha], [h.reshape(-1, h.shape[-1]) for h in hb]
+        )
         n_batches += 1
     if acc.n < 2:
         raise ValueError(f"CKA needs at least 2 tokens, got {acc.n} (from {n_batches} batches)")
@@ -260,9 +262,11 @@ class CKAReport:
     def to_dict(self) -> dict[str, Any]:
         La, Lb = self.matrix.shape[0] - 1, self.matrix.shape[1] - 1
         return {
-            "metric": "linear CKA between residual streams (0 = embedding, i = after block i-1)",
+            "metric": "linear CKA between residual streams (emb = embedding output, i = output "
+            "of the i-th block)",
             "run_a": {"name": self.names[0], "run_dir": self.run_dirs[0]},
             "run_b": {"name": self.names[1], "run_dir": self.run_dirs[1]},
+            "layout": "cka[i][j] = CKA(run_a layer rows[i], run_b layer cols[j])",
             "rows": layer_labels(La),
             "cols": layer_labels(Lb),
             "cka": [[float(v) for v in row] for row in self.matrix],
@@ -309,8 +313,7 @@ def analyze_cka(
     Writes `out_dir/cka.png` and `out_dir/cka.json`. Runs are named by their config names
     (suffixed " (A)"/" (B)" when equal, e.g. a run against itself).
     """
-    if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
-        raise ValueError(f"max_batches must be an int >= 1, got {max_batches!r}")
+    check_max_batches(max_batches)
     t0 = time.perf_counter()
     runs = load_runs({"A": run_a, "B": run_b})
     pa, pb = runs["A"], runs["B"]

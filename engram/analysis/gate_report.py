@@ -66,7 +66,11 @@ def rank_tokens(reading: GateReading, top: int = 10) -> tuple[list[dict], list[d
     k = min(top, len(mean))
 
     def item(i: int) -> dict[str, Any]:
-        return {"position": int(i), "token": reading.tokens[i], "mean_gate": round(float(mean[i]), 4)}
+        return {
+            "position": int(i),
+            "token": reading.tokens[i],
+            "mean_gate": round(float(mean[i]), 4),
+        }
 
     highest = [item(int(i)) for i in order[:k]]
     lowest = [item(int(i)) for i in order[::-1][:k]]
@@ -207,7 +211,9 @@ def gates_report(
         f"(0-based block ids) and branch; 1 = the memory's value passes fully."
     ]
     if truncated:
-        notes.append(f"The text has {len(ids)} tokens; only the first {limit} (max_seq_len) are read.")
+        notes.append(
+            f"The text has {len(ids)} tokens; only the first {limit} (max_seq_len) are read."
+        )
     if source:
         notes.append("run: " + ", ".join(f"{k}={v}" for k, v in source.items()))
     page = token_heat_html(

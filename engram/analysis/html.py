@@ -55,7 +55,7 @@ function engramShowRow(k) {
 
 
 def _hex(rgba: Sequence[float]) -> str:
-    r, g, b = (int(round(255 * float(c))) for c in rgba[:3])
+    r, g, b = (round(255 * float(c)) for c in rgba[:3])
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
@@ -190,7 +190,7 @@ def token_heat_html(
         + '\n<div class="text">'
         + "".join(spans)
         + "</div>\n"
-        "<p class=\"notes\">Hover a token for its values. Whitespace: \u00b7 space, \u2192 tab, "
+        '<p class="notes">Hover a token for its values. Whitespace: \u00b7 space, \u2192 tab, '
         "\u21b5 newline.</p>\n</body></html>\n"
     )
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,8 @@ def kl_sums(model: EngramLM, hidden: list[Tensor], chunk_tokens: int | None = No
     `hidden` is `block_outputs(...)`: n_layers + 1 tensors (B, T, D); the last is the final one.
     """
     chunk = _chunk_tokens(model.cfg.vocab_size, chunk_tokens)
+    if not hidden:
+        raise ValueError("hidden is empty; expected block_outputs(...): n_layers + 1 tensors")
     D = hidden[0].shape[-1]
     flat = [h.reshape(-1, D) for h in hidden]  # each (N, D)
     n = flat[0].shape[0]
@@ -114,7 +116,7 @@ def logit_lens(
 
     `batches` yields (x (B, T), rows (L, B, T, H) or None), as `val_inputs` does.
     `chunk_tokens` tokens are projected to the vocabulary at a time (default: what fits
-    `CHUNK_BYTES`); the result does not depend on it.
+    `CHUNK_BYTES`); the result does not depend on it (up to float32 rounding of the logits).
     """
     return _lens(model, batches, chunk_tokens)[0]
 
@@ -125,6 +127,7 @@ class LensReport:
 
     kl: dict[str, np.ndarray]  # run name -> (n_layers + 1,) mean KL(p_final || p_l), nats
     run_dirs: dict[str, str]
+    engram_layer_ids: dict[str, list[int]]  # run name -> 0-based blocks with an Engram layer
     n_tokens: int
     n_batches: int
     data: dict[str, Any]  # source, seq_len, batch_size of the tokens read
@@ -135,10 +138,12 @@ class LensReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "metric": "mean over tokens of KL(p_final || p_layer), nats",
-            "layers": "0 = embedding output, i = output of block i-1 (last = final, KL 0)",
+            "layers": "emb = embedding output, i = output of the i-th block (0-based index "
+            "i-1); the last is the final layer (KL 0)",
             "runs": {
                 name: {
                     "run_dir": self.run_dirs[name],
+                    "engram_layer_ids": self.engram_layer_ids[name],
                     "layers": layer_labels(len(kl) - 1),
                     "kl": [float(v) for v in kl],
                 }
@@ -152,8 +157,16 @@ class LensReport:
         }
 
 
-def plot_logit_lens(kl: Mapping[str, np.ndarray], path: PathLike, title: str | None = None) -> Path:
-    """KL vs layer, one labelled line per run (log y-axis when the values span > 10x)."""
+def plot_logit_lens(
+    kl: Mapping[str, np.ndarray],
+    path: PathLike,
+    engram_layer_ids: Mapping[str, Sequence[int]] | None = None,
+    title: str | None = None,
+) -> Path:
+    """KL vs layer, one labelled line per run (log y-axis when the values span > 10x).
+
+    `engram_layer_ids` (run name -> 0-based blocks with an Engram layer) goes into the legend.
+    """
     fig = Figure(figsize=(7, 4.2))
     ax = fig.add_subplot(1, 1, 1)
     positive = [float(v) for values in kl.values() for v in values[:-1] if v > 0]
@@ -162,9 +175,14 @@ def plot_logit_lens(kl: Mapping[str, np.ndarray], path: PathLike, title: str | N
     for name, values in kl.items():
         layers = np.arange(len(values))
         shown = values[:-1] if log_y else values  # the final layer's 0 has no place on a log axis
-        ax.plot(layers[: len(shown)], shown, "o-", lw=1.5, ms=4, label=name)
+        ids = list((engram_layer_ids or {}).get(name, []))
+        label = f"{name} (Engram in block index {ids})" if ids else name
+        ax.plot(layers[: len(shown)], shown, "o-", lw=1.5, ms=4, label=label)
     ax.set_xticks(np.arange(longest), layer_labels(longest - 1))
-    ax.set_xlabel("layer (emb = embedding output, i = after block i)")
+    ax.set_xlabel("layer (emb = embedding output, i = output of the i-th block)")
+    if log_y:
+        ax.text(0.99, 0.97, "final layer: KL = 0 by definition (not drawn on a log axis)",
+                transform=ax.transAxes, ha="right", va="top", fontsize=7, color="0.4")  # fmt: skip
     ax.set_ylabel("KL(p_final || p_layer), nats/token")
     if log_y:
         ax.set_yscale("log")
@@ -174,7 +192,7 @@ def plot_logit_lens(kl: Mapping[str, np.ndarray], path: PathLike, title: str | N
     return _save(fig, path)
 
 
-def _check_max_batches(max_batches: int) -> None:
+def check_max_batches(max_batches: int) -> None:
     if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
         raise ValueError(f"max_batches must be an int >= 1, got {max_batches!r}")
 
@@ -190,7 +208,7 @@ def analyze_logit_lens(
 
     Writes `out_dir/logit_lens.png` and `out_dir/logit_lens.json`.
     """
-    _check_max_batches(max_batches)
+    check_max_batches(max_batches)
     t0 = time.perf_counter()
     runs = load_runs(run_dirs)
     data = shared_val_data(next(iter(runs.values())), data_source)
@@ -203,10 +221,12 @@ def analyze_logit_lens(
     seconds = time.perf_counter() - t0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    png = plot_logit_lens(kl, out / "logit_lens.png")
+    layer_ids = {name: list(parts.model.layer_ids) for name, parts in runs.items()}
+    png = plot_logit_lens(kl, out / "logit_lens.png", layer_ids)
     report = LensReport(
         kl=kl,
         run_dirs={str(name): os.fspath(path) for name, path in run_dirs.items()},
+        engram_layer_ids=layer_ids,
         n_tokens=n_tokens,
         n_batches=n_batches,
         data={
@@ -220,4 +240,3 @@ def analyze_logit_lens(
     )
     atomic_write_text(report.json, json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
     return report
-

@@ -14,9 +14,7 @@ class NoEngramError(ValueError):
     """The run (or model) has no Engram layers, so there is nothing to analyse."""
 
 
-def load_engram_run(
-    run_dir: str | os.PathLike[str], purpose: str
-) -> tuple[RunParts, Checkpoint]:
+def load_engram_run(run_dir: str | os.PathLike[str], purpose: str) -> tuple[RunParts, Checkpoint]:
     """`load_trained(run_dir)`, after checking from the checkpoint's config that it has Engram
     layers (a baseline is refused before any weights are read). `purpose` names the analysis in
     the error message."""
@@ -33,5 +31,7 @@ def load_engram_run(
         )
     parts, ckpt = load_trained(run_dir)
     if parts.indexer is None or not parts.model.engram_layers():
-        raise NoEngramError(f"run {os.fspath(run_dir)!r} has no Engram layers: {purpose} needs them")
+        raise NoEngramError(
+            f"run {os.fspath(run_dir)!r} has no Engram layers: {purpose} needs them"
+        )
     return parts, ckpt
