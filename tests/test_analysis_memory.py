@@ -10,16 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from engram.analysis.memory import (
-    COUNTS_FILE,
-    MemoryIndex,
-    NgramCounts,
-    analyze_memory,
-    corpus_counts,
-    explore_ngram,
-    explore_row,
-    valid_starts,
-)
+from engram.analysis.memory import MemoryIndex, analyze_memory, explore_ngram, explore_row
+from engram.analysis.ngram_counts import COUNTS_FILE, NgramCounts, corpus_counts, valid_starts
 from engram.analysis.runs import NoEngramError
 from engram.compress import TokenizerCompressor
 from engram.data import prepare_data
@@ -315,7 +307,7 @@ def test_analyze_memory_writes_outputs_and_reuses_its_cache(
     assert again.ngrams[0].to_dict() == rep.ngrams[0].to_dict()
 
     cache.write_bytes(cache.read_bytes()[:1000])  # truncated
-    with caplog.at_level(logging.WARNING, logger="engram.analysis.memory"):
+    with caplog.at_level(logging.WARNING, logger="engram.analysis.ngram_counts"):
         third = analyze_memory(tiny_runs["engram"], out, queries[:1], **kwargs)
     assert third.counts["reused"] is False and "rebuilding" in caplog.text
     assert NgramCounts.load(cache).n_tokens == MAX_TOKENS

@@ -8,35 +8,15 @@ Two questions a user asks of a trained Engram memory:
 - *a row* (layer, head, local row): which frequent corpus n-grams map to it (``explore_row``).
 
 ``analyze_memory`` answers both for a run directory and writes ``memory.json``, a
-self-contained ``memory.html`` and ``row_norms.png``, plus per-layer and per-head statistics
-that compare the observed collisions with what uniform hashing predicts.
+self-contained ``memory.html`` (rendered by ``engram.analysis.memory_html``) and
+``row_norms.png``, plus per-layer and per-head statistics that compare the observed collisions
+with what uniform hashing predicts. The frequent corpus n-grams come from
+``engram.analysis.ngram_counts`` (compressed ids, the document rule, the corpus, the cache).
 
 Axes used in shape comments: U frequent n-grams of one order, n the order, N the largest
 order, L Engram layers, H = (N-1)*K sub-tables ("heads") per layer, R rows of a layer's table.
 
 Design choices:
-- Counts are taken on COMPRESSED ids, because that is what is hashed: surface variants that
-  compress together (" King of" and " king of") are one n-gram to the memory. For display each
-  compressed n-gram keeps one representative surface form, the raw ids of its first occurrence.
-- Document rule, exactly the hasher's: the separator (``<|endoftext|>``) belongs to the document
-  it ends, so an n-gram may END with it (the model reads that n-gram at the separator's
-  position) but never contain it anywhere else, i.e. no n-gram crosses a document boundary.
-  Positions whose window reaches before the document start read the pad id in the model; those
-  padded windows are not corpus n-grams and are not counted (only full n-grams inside a
-  document). The reset test runs on compressed ids, as the hasher's does.
-- Corpus: the TRAINING split of the run's data config (``engram.data.prepare_data``; the val
-  split is never read), its first ``max_tokens`` tokens in corpus order. The default (2M) covers
-  the whole built-in KJV (about 1M training tokens); a smaller budget sees only the first books.
-- Counting is numpy only: the n compressed ids of every valid window are packed into one int64
-  key (big-endian, so key order is lexicographic order) and ``np.unique`` counts them; when
-  ``n * bits(V')`` exceeds 63 bits a stable ``np.lexsort`` over the id columns does the same.
-  N-grams seen fewer than ``min_count`` times are dropped (their totals are kept).
-- Cache: counts are saved as ``.npz`` (atomic write; a sha256 of the arrays and a fingerprint in
-  the metadata). The fingerprint covers what the counts depend on -- the data cache key (source
-  content, tokenizer, separator, text field), the split (val fraction, seed), the compressor,
-  max_tokens, min_count and the largest order -- but not the hash seeds or table sizes, so runs
-  that differ only in their memory's shape share one count file. A file that fails to load or
-  verify is rebuilt with a warning, never trusted.
 - Rows of the frequent n-grams are computed by the run's own hasher (``NgramHasher.hash_all``)
   on each n-gram as a short sequence of exactly n ids and read at its last position: no pad is
   involved and the bits are those the model reads wherever the n-gram ends in real text (the
@@ -64,17 +44,12 @@ Design choices:
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import hashlib
-import html
 import io
 import json
-import logging
-import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -84,386 +59,27 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from engram.analysis.runs import NoEngramError, load_engram_run
+from engram.analysis.html import write_html
+from engram.analysis.memory_html import memory_page, visible
+from engram.analysis.ngram_counts import (
+    COUNTS_FILE,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MIN_COUNT,
+    NgramCounts,
+    OrderCounts,
+    corpus_counts,
+    require_engram,
+)
+from engram.analysis.runs import load_engram_run
 from engram.atomic import atomic_write_bytes, atomic_write_text
-from engram.compress import TokenizerCompressor
-from engram.data import DataConfig, cache_key, prepare_data
 from engram.hashing import NgramHasher
-from engram.indexer import NgramIndexer
 from engram.layer import Engram
-from engram.tokenizer import EOT_ID
 from engram.train import RunParts
-
-logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 
-COUNTS_FORMAT: Final = "engram.NgramCounts/1"
-"""Format tag of count files; part of every counts fingerprint. Bump on any counting change."""
-
-COUNTS_FILE: Final = "ngram_counts.npz"
-DEFAULT_MAX_TOKENS: Final = 2_000_000
-DEFAULT_MIN_COUNT: Final = 2
 _HASH_CHUNK: Final = 1 << 16  # n-grams hashed per hash_all call (bounds the (L, U, n, H) buffer)
 _GATHER_CHUNK: Final = 1 << 16  # rows per gather when a store has no weight tensor
-
-
-# ============================================================================ counting
-
-
-@dataclass(frozen=True, eq=False)
-class OrderCounts:
-    """The frequent n-grams of one order n, lexicographically sorted by compressed ids."""
-
-    order: int
-    grams: np.ndarray  # (U, n) int64 compressed ids
-    counts: np.ndarray  # (U,) int64 occurrences in the corpus (all >= min_count)
-    surface: np.ndarray  # (U, n) int64 raw ids of the first occurrence (for display)
-    total: int  # full n-grams counted, frequent or not (the count mass of the order)
-    n_distinct: int  # distinct n-grams counted, frequent or not
-
-    def __len__(self) -> int:
-        return int(self.counts.shape[0])
-
-
-def _bits(vocab_size: int) -> int:
-    return max(1, int(vocab_size - 1).bit_length())
-
-
-def _pack(mat: np.ndarray, bits: int) -> np.ndarray:
-    """(M, n) non-negative ids < 2**bits -> (M,) int64 keys, first id most significant."""
-    key = np.zeros(mat.shape[0], dtype=np.int64)
-    for j in range(mat.shape[1]):
-        key = (key << bits) | mat[:, j]
-    return key
-
-
-def _group_rows(mat: np.ndarray, bits: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct rows of mat (M, n) in lexicographic order: (first index (G,), counts (G,)).
-
-    ``bits``: pack into int64 keys (``n * bits <= 63``), else (None) a stable lexsort.
-    """
-    if mat.shape[0] == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    if bits is not None:
-        _, first, counts = np.unique(_pack(mat, bits), return_index=True, return_counts=True)
-        return first.astype(np.int64), counts.astype(np.int64)
-    order = np.lexsort(mat[:, ::-1].T)  # stable; column 0 is the primary key
-    srt = mat[order]
-    new = np.ones(len(srt), dtype=bool)
-    new[1:] = np.any(srt[1:] != srt[:-1], axis=1)
-    starts = np.flatnonzero(new)
-    counts = np.diff(np.append(starts, len(srt)))
-    return order[starts].astype(np.int64), counts.astype(np.int64)
-
-
-def valid_starts(compressed: np.ndarray, n: int, sep: int) -> np.ndarray:
-    """Start positions of every full n-gram of a 1-D compressed stream that crosses no document
-    boundary: the separator may be its LAST token only. (W,) int64."""
-    T = len(compressed)
-    if n > T:
-        return np.zeros(0, dtype=np.int64)
-    seps = np.concatenate([[0], np.cumsum(compressed == sep)])  # (T+1,) seps in [0, i)
-    s = np.arange(T - n + 1)
-    return np.flatnonzero(seps[s + n - 1] - seps[s] == 0).astype(np.int64)
-
-
-class NgramCounts:
-    """Frequent n-grams of a corpus for every order 2..max_order, on compressed ids.
-
-    Build with ``from_tokens`` (or ``corpus_counts`` for a run's training data); persist with
-    ``save``/``load``; look an n-gram up with ``find``/``count_of``.
-    """
-
-    def __init__(self, orders: dict[int, OrderCounts], meta: dict[str, Any]) -> None:
-        self.orders = dict(orders)
-        self.meta = dict(meta)
-        self._keys: dict[int, np.ndarray | None] = {}
-
-    # ------------------------------------------------------------------ building
-    @classmethod
-    def from_tokens(
-        cls,
-        tokens: np.ndarray,
-        compressor: TokenizerCompressor,
-        *,
-        sep_id: int,
-        max_order: int,
-        min_count: int = DEFAULT_MIN_COUNT,
-        max_tokens: int | None = None,
-        fingerprint: str = "",
-        _force_lexsort: bool = False,
-    ) -> NgramCounts:
-        """Count the n-grams of a 1-D packed raw-id stream (documents each ending in ``sep_id``).
-
-        ``sep_id`` is the RAW separator id; the stream must start at a document start. Only the
-        first ``max_tokens`` tokens are read (None: all).
-        """
-        if int(max_order) < 2:
-            raise ValueError(f"max_order must be >= 2, got {max_order}")
-        if int(min_count) < 1:
-            raise ValueError(f"min_count must be >= 1, got {min_count}")
-        if max_tokens is not None and int(max_tokens) < 1:
-            raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
-        raw = np.asarray(tokens)
-        if raw.ndim != 1:
-            raise ValueError(f"tokens must be a 1-D packed stream, got shape {raw.shape}")
-        if max_tokens is not None:
-            raw = raw[: int(max_tokens)]
-        raw = raw.astype(np.int64)
-        if raw.size and raw.min() < 0:
-            raise ValueError("tokens must be raw ids >= 0 (no padding sentinels)")
-        comp = np.asarray(compressor.compress(raw), dtype=np.int64)  # (T,)
-        sep = compressor.compress_id(int(sep_id))
-        bits = _bits(compressor.compressed_vocab_size)
-        orders: dict[int, OrderCounts] = {}
-        for n in range(2, int(max_order) + 1):
-            starts = valid_starts(comp, n, sep)  # (W,)
-            idx = starts[:, None] + np.arange(n)  # (W, n)
-            mat = comp[idx]  # (W, n)
-            packable = n * bits <= 63 and not _force_lexsort
-            first, counts = _group_rows(mat, bits if packable else None)  # (G,), (G,)
-            keep = counts >= int(min_count)
-            pos = idx[first[keep]]  # (U, n) positions of each kept n-gram's first occurrence
-            orders[n] = OrderCounts(
-                order=n,
-                grams=np.ascontiguousarray(comp[pos]),
-                counts=np.ascontiguousarray(counts[keep]),
-                surface=np.ascontiguousarray(raw[pos]),
-                total=len(starts),
-                n_distinct=len(counts),
-            )
-        meta = {
-            "format": COUNTS_FORMAT,
-            "fingerprint": str(fingerprint),
-            "max_order": int(max_order),
-            "min_count": int(min_count),
-            "max_tokens": None if max_tokens is None else int(max_tokens),
-            "n_tokens": int(raw.size),
-            "sep_id": int(sep_id),
-            "compressed_sep_id": int(sep),
-            "compressed_vocab_size": int(compressor.compressed_vocab_size),
-            "compressor_fingerprint": compressor.fingerprint,
-        }
-        return cls(orders, meta)
-
-    # ------------------------------------------------------------------ properties
-    @property
-    def max_order(self) -> int:
-        return int(self.meta["max_order"])
-
-    @property
-    def min_count(self) -> int:
-        return int(self.meta["min_count"])
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.meta["n_tokens"])
-
-    @property
-    def fingerprint(self) -> str:
-        return str(self.meta.get("fingerprint", ""))
-
-    def order(self, n: int) -> OrderCounts:
-        """The frequent n-grams of order ``n`` (2..max_order)."""
-        if n not in self.orders:
-            raise ValueError(f"order {n} was not counted; counted orders are 2..{self.max_order}")
-        return self.orders[n]
-
-    def summary(self) -> dict[str, Any]:
-        """Sizes per order, JSON-friendly."""
-        return {
-            "n_tokens": self.n_tokens,
-            "min_count": self.min_count,
-            "max_tokens": self.meta.get("max_tokens"),
-            "orders": {
-                str(n): {
-                    "frequent": len(o),
-                    "distinct": o.n_distinct,
-                    "total": o.total,
-                    "frequent_mass": int(o.counts.sum()),
-                }
-                for n, o in self.orders.items()
-            },
-        }
-
-    # ------------------------------------------------------------------ lookup
-    def find(self, compressed_ids: Sequence[int] | np.ndarray) -> int | None:
-        """Index of a compressed n-gram in ``order(len(ids))``'s arrays, or None if not frequent."""
-        q = np.asarray(compressed_ids, dtype=np.int64).reshape(-1)  # (n,)
-        o = self.order(len(q))
-        if len(o) == 0 or q.min() < 0:
-            return None
-        bits = _bits(int(self.meta["compressed_vocab_size"]))
-        if len(q) * bits <= 63 and q.max() < (1 << bits):
-            keys = self._keys.get(o.order)
-            if keys is None:
-                keys = self._keys[o.order] = _pack(o.grams, bits)  # (U,) sorted
-            key = int(_pack(q[None], bits)[0])
-            i = int(np.searchsorted(keys, key))
-            return i if i < len(keys) and int(keys[i]) == key else None
-        hit = np.flatnonzero(np.all(o.grams == q, axis=1))
-        return int(hit[0]) if len(hit) else None
-
-    def count_of(self, compressed_ids: Sequence[int] | np.ndarray) -> int:
-        """Corpus count of a compressed n-gram; 0 when it is below ``min_count`` (or absent)."""
-        i = self.find(compressed_ids)
-        return 0 if i is None else int(self.order(len(compressed_ids)).counts[i])
-
-    # ------------------------------------------------------------------ persistence
-    def _arrays(self) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        ids = "<i4" if self._fits_int32() else "<i8"  # ids as int32 when they fit: half the file
-        for n, o in sorted(self.orders.items()):
-            out[f"grams_{n}"] = np.ascontiguousarray(o.grams, dtype=ids)
-            out[f"counts_{n}"] = np.ascontiguousarray(o.counts, dtype="<i8")
-            out[f"surface_{n}"] = np.ascontiguousarray(o.surface, dtype=ids)
-            out[f"totals_{n}"] = np.array([o.total, o.n_distinct], dtype="<i8")
-        return out
-
-    def _fits_int32(self) -> bool:
-        limit = np.iinfo(np.int32).max
-        return all(
-            (o.grams.size == 0 or int(o.grams.max()) <= limit)
-            and (o.surface.size == 0 or int(o.surface.max()) <= limit)
-            for o in self.orders.values()
-        )
-
-    @staticmethod
-    def _checksum(arrays: dict[str, np.ndarray]) -> str:
-        h = hashlib.sha256()
-        for name in sorted(arrays):
-            a = arrays[name]
-            h.update(f"{name}:{a.dtype.str}:{a.shape}\0".encode())
-            h.update(np.ascontiguousarray(a).tobytes())
-        return h.hexdigest()
-
-    def save(self, path: PathLike) -> Path:
-        """Write a compressed ``.npz`` (arrays plus JSON metadata holding a sha256 of the arrays),
-        atomically."""
-        arrays = self._arrays()
-        meta = dict(self.meta, sha256=self._checksum(arrays))
-        buf = io.BytesIO()
-        np.savez_compressed(buf, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
-        atomic_write_bytes(path, buf.getvalue())
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: PathLike, expected_fingerprint: str | None = None) -> NgramCounts:
-        """Read a file written by ``save`` and verify it (``ValueError`` if bad or mismatched)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no n-gram counts file at {path}")
-        try:
-            with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as z:
-                meta = json.loads(str(z["meta"][()]))
-                arrays = {k: np.asarray(z[k]) for k in z.files if k != "meta"}
-        except Exception as exc:  # zipfile/npy/json raise their own types on damaged files
-            raise ValueError(f"{path} is not a readable n-gram counts file: {exc}") from exc
-        if not isinstance(meta, dict) or meta.get("format") != COUNTS_FORMAT:
-            got = meta.get("format") if isinstance(meta, dict) else None
-            raise ValueError(f"{path} has format {got!r}, expected {COUNTS_FORMAT!r}")
-        if expected_fingerprint is not None and meta.get("fingerprint") != expected_fingerprint:
-            raise ValueError(
-                f"{path} was counted for another corpus/compressor/budget (fingerprint "
-                f"{str(meta.get('fingerprint'))[:16]}..., expected {expected_fingerprint[:16]}...)"
-            )
-        if meta.pop("sha256", None) != cls._checksum(arrays):
-            raise ValueError(f"{path} is corrupt: array checksum mismatch")
-        orders: dict[int, OrderCounts] = {}
-        try:
-            for n in range(2, int(meta["max_order"]) + 1):
-                grams, counts = arrays[f"grams_{n}"], arrays[f"counts_{n}"]
-                surface, totals = arrays[f"surface_{n}"], arrays[f"totals_{n}"]
-                U = counts.shape[0]
-                if grams.shape != (U, n) or surface.shape != (U, n) or totals.shape != (2,):
-                    raise ValueError(f"order {n} arrays have inconsistent shapes")
-                orders[n] = OrderCounts(
-                    n, grams.astype(np.int64), counts.astype(np.int64),
-                    surface.astype(np.int64), int(totals[0]), int(totals[1]),
-                )  # fmt: skip
-        except (KeyError, ValueError) as exc:
-            raise ValueError(f"{path} is not a valid n-gram counts file: {exc}") from exc
-        return cls(orders, meta)
-
-    @classmethod
-    def load_or_build(
-        cls, path: PathLike, fingerprint: str, build: Callable[[], NgramCounts]
-    ) -> tuple[NgramCounts, bool]:
-        """The counts cached at ``path`` if they verify and match ``fingerprint``, else
-        ``build()`` saved there. Returns (counts, reused)."""
-        path = Path(path)
-        if path.exists():
-            try:
-                return cls.load(path, expected_fingerprint=fingerprint), True
-            except (OSError, ValueError) as exc:
-                logger.warning("rebuilding n-gram counts %s: %s", path, exc)
-        counts = build()
-        counts.save(path)
-        return counts, False
-
-    def __repr__(self) -> str:
-        sizes = ", ".join(f"{n}: {len(o)}" for n, o in sorted(self.orders.items()))
-        return f"NgramCounts(n_tokens={self.n_tokens}, min_count={self.min_count}, {{{sizes}}})"
-
-
-def counts_fingerprint(
-    data_cfg: DataConfig,
-    tokenizer: Any,
-    compressor: TokenizerCompressor,
-    *,
-    max_order: int,
-    max_tokens: int | None,
-    min_count: int,
-    sep_id: int = EOT_ID,
-) -> str:
-    """sha256 of everything the training-split counts depend on (see the module docstring)."""
-    payload = {
-        "format": COUNTS_FORMAT,
-        "corpus": cache_key(data_cfg.source, tokenizer, sep_id, data_cfg.text_field),
-        "val_fraction": data_cfg.val_fraction,
-        "split_seed": data_cfg.split_seed,
-        "compressor": compressor.fingerprint,
-        "max_order": int(max_order),
-        "max_tokens": None if max_tokens is None else int(max_tokens),
-        "min_count": int(min_count),
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def corpus_counts(
-    parts: RunParts,
-    *,
-    max_tokens: int | None = DEFAULT_MAX_TOKENS,
-    min_count: int = DEFAULT_MIN_COUNT,
-    data_source: str | None = None,
-    cache_path: PathLike | None = None,
-) -> tuple[NgramCounts, bool]:
-    """Frequent n-grams of a run's training split (orders 2..N of its Engram config).
-
-    ``data_source`` replaces the run's ``data.source``; with ``cache_path`` the counts are read
-    from / written to that ``.npz``. Returns (counts, reused_from_cache).
-    """
-    _require_engram(parts)
-    data_cfg = parts.cfg.data
-    if data_source is not None:
-        data_cfg = dataclasses.replace(data_cfg, source=data_source)
-    max_order = parts.indexer.cfg.max_ngram_size
-    fp = counts_fingerprint(
-        data_cfg, parts.tokenizer, parts.compressor,
-        max_order=max_order, max_tokens=max_tokens, min_count=min_count,
-    )  # fmt: skip
-
-    def build() -> NgramCounts:
-        splits = prepare_data(data_cfg, parts.tokenizer, EOT_ID)
-        return NgramCounts.from_tokens(
-            splits.train.tokens, parts.compressor, sep_id=EOT_ID, max_order=max_order,
-            min_count=min_count, max_tokens=max_tokens, fingerprint=fp,
-        )  # fmt: skip
-
-    if cache_path is None:
-        return build(), False
-    return NgramCounts.load_or_build(cache_path, fp, build)
 
 
 # ============================================================================ collisions
@@ -626,7 +242,7 @@ class MemoryIndex:
 
     @classmethod
     def build(cls, parts: RunParts, counts: NgramCounts) -> MemoryIndex:
-        indexer = _require_engram(parts)
+        indexer = require_engram(parts)
         hasher = indexer.hasher
         N, K = hasher.max_ngram_size, hasher.n_head_per_ngram
         _check_counts(parts, counts)
@@ -663,19 +279,6 @@ class MemoryIndex:
 
     def stats(self) -> list[dict[str, Any]]:
         return [m.stats() for m in self.layers.values()]
-
-
-def _baseline_message(parts: RunParts) -> str:
-    return (
-        f"run {parts.cfg.name!r} has no Engram layers (a baseline without memory); the memory "
-        "explorer needs a run trained with an engram config"
-    )
-
-
-def _require_engram(parts: RunParts) -> NgramIndexer:
-    if parts.indexer is None or not parts.model.engram_layers():
-        raise NoEngramError(_baseline_message(parts))
-    return parts.indexer
 
 
 def _check_counts(parts: RunParts, counts: NgramCounts) -> None:
@@ -811,7 +414,7 @@ def explore_ngram(
 ) -> NgramReport:
     """For each Engram layer, order n and head: the row the last n tokens of ``text`` hit, its
     norm and percentile, the n-gram's corpus count, and the frequent n-grams colliding there."""
-    indexer = _require_engram(parts)
+    indexer = require_engram(parts)
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"text must be a non-empty string, got {text!r}")
     index = index if index is not None else MemoryIndex.build(parts, counts)
@@ -881,7 +484,7 @@ def explore_row(
 ) -> RowReport:
     """The frequent corpus n-grams that map to local ``row`` of sub-table ``head`` (flat index,
     orders ascending then heads) of Engram layer ``layer_id``, sorted by count; the row's norm."""
-    indexer = _require_engram(parts)
+    indexer = require_engram(parts)
     for name, value in (("layer_id", layer_id), ("head", head), ("row", row)):
         _check_int(name, value)
     layer_id, head, row = int(layer_id), int(head), int(row)
@@ -1032,7 +635,7 @@ def analyze_memory(
     }
     atomic_write_bytes(report.paths["png"], png)
     report.timings["total_s"] = time.perf_counter() - t0
-    atomic_write_text(report.paths["html"], _html(report, png))
+    write_html(report.paths["html"], memory_page(report, png))
     atomic_write_text(report.paths["json"], json.dumps(report.to_dict(), indent=1) + "\n")
     return report
 
@@ -1088,178 +691,5 @@ def _row_norms_png(
 
 
 def _short(text: str, n: int = 30) -> str:
-    text = _visible(text.strip())
+    text = visible(text.strip())
     return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _q(text: str) -> str:
-    """An n-gram's text, escaped, spaces kept and line breaks shown as \\n."""
-    return f"<code>{_e(_visible(text))}</code>"
-
-
-def _visible(text: str) -> str:
-    return text.replace("\n", "\\n").replace("\t", "\\t")
-
-
-def _fmt(x: Any, digits: int = 3) -> str:
-    if isinstance(x, float):
-        return "n/a" if not math.isfinite(x) else f"{x:.{digits}g}"
-    return _e(x)
-
-
-def _table(header: list[str], body: list[list[str]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    rows = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in body)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
-
-
-def _colliders(entries: list[NgramEntry]) -> str:
-    return "<br>".join(f"{_q(c.text)} ×{c.count}" for c in entries) or "–"
-
-
-def _html(report: MemoryReport, png: bytes) -> str:
-    c = report.counts
-    parts: list[str] = [
-        f"<h1>Engram memory of {_e(report.run_name)} (step {report.step})</h1>",
-        f"<p>Run <code>{_e(report.run_dir)}</code>; hash fingerprint "
-        f"<code>{_e(report.hash_fingerprint[:16])}…</code>. Frequent n-grams: counted on "
-        f"compressed ids over {c['n_tokens']:,} training tokens, kept when seen at least "
-        f"{c['min_count']} times (counts {'reused from' if c['reused'] else 'written to'} "
-        f"<code>{_e(c['cache'])}</code>).</p>",
-        _table(
-            ["order", "frequent n-grams", "distinct", "occurrences", "frequent mass"],
-            [
-                [
-                    _e(n),
-                    f"{o['frequent']:,}",
-                    f"{o['distinct']:,}",
-                    f"{o['total']:,}",
-                    f"{o['frequent_mass']:,}",
-                ]
-                for n, o in c["orders"].items()
-            ],
-        ),
-        "<h2>Occupancy and collisions</h2>",
-        "<p>Collisions of an n-gram = other frequent n-grams of its order on the same row. "
-        "Uniform hashing predicts (u-1)/p of them for u frequent n-grams in a sub-table of p "
-        "rows, and a fraction 1-(1-1/p)<sup>u</sup> of rows hit.</p>",
-    ]
-    for s in report.layers:
-        parts.append(
-            f"<h3>Layer {s['layer_id']}: {s['rows_hit']:,} of {s['table_rows']:,} rows hit "
-            f"({s['frac_rows_hit']:.1%}, uniform {s['expected_frac_rows_hit_uniform']:.1%}); "
-            f"mean collisions {s['mean_collisions']:.3f} (uniform "
-            f"{s['expected_collisions_uniform']:.3f})</h3>"
-        )
-        parts.append(
-            _table(
-                [
-                    "head",
-                    "order",
-                    "p",
-                    "frequent u",
-                    "rows hit",
-                    "hit (uniform)",
-                    "mean collisions",
-                    "uniform (u-1)/p",
-                    "max on a row",
-                ],
-                [
-                    [
-                        _e(h["head"]),
-                        _e(h["order"]),
-                        f"{h['table_size']:,}",
-                        f"{h['n_frequent']:,}",
-                        f"{h['frac_rows_hit']:.1%}",
-                        f"{h['expected_frac_rows_hit_uniform']:.1%}",
-                        f"{h['mean_collisions']:.3f}",
-                        f"{h['expected_collisions_uniform']:.3f}",
-                        _e(h["max_ngrams_on_a_row"]),
-                    ]
-                    for h in s["heads"]
-                ],
-            )
-        )
-    parts.append(
-        f'<h2>Row norms</h2><img alt="row norm histograms" '
-        f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
-    )
-    for rep in report.ngrams:
-        parts.append(
-            f"<h2>N-gram {_q(rep.text)}</h2><p>tokenized as {_q(rep.tokenized)}: "
-            + " | ".join(_q(t) for t in rep.tokens)
-            + "</p>"
-        )
-        parts.append(
-            _table(
-                [
-                    "layer",
-                    "head",
-                    "order",
-                    "n-gram",
-                    "count",
-                    "local row",
-                    "global row",
-                    "norm",
-                    "pct (layer)",
-                    "pct (head)",
-                    "colliding",
-                    "uniform",
-                    "top colliders",
-                ],
-                [
-                    [
-                        _e(h.layer_id),
-                        _e(h.head),
-                        _e(h.order),
-                        _q(h.ngram_text) + (" (padded)" if h.padded else ""),
-                        f"{h.count:,}" if h.frequent else "&lt; min",
-                        _e(h.local_row),
-                        _e(h.global_row),
-                        _fmt(h.norm),
-                        f"{h.norm_percentile:.1f}",
-                        f"{h.norm_percentile_head:.1f}",
-                        f"{h.n_colliding} (×{h.colliding_mass:,})",
-                        _fmt(h.expected_colliding_uniform),
-                        _colliders(h.top_colliders),
-                    ]
-                    for h in rep.hits
-                ],
-            )
-        )
-    for rr in report.rows:
-        parts.append(
-            f"<h2>Row {rr.local_row} of layer {rr.layer_id}, head {rr.head} (order "
-            f"{rr.order})</h2><p>global row {rr.global_row}, norm {_fmt(rr.norm)} "
-            f"(percentile {rr.norm_percentile:.1f}); {rr.n_ngrams} frequent n-grams "
-            f"(×{rr.mass:,}), uniform expectation {_fmt(rr.expected_ngrams_uniform)}.</p>"
-        )
-        parts.append(
-            _table(
-                ["n-gram", "tokens", "count"],
-                [
-                    [_q(g.text), " | ".join(_q(t) for t in g.tokens), f"{g.count:,}"]
-                    for g in rr.ngrams
-                ],
-            )
-        )
-    t = report.timings
-    parts.append(
-        "<p class=note>Timings: " + ", ".join(f"{_e(k)} {v:.2f} s" for k, v in t.items()) + "</p>"
-    )
-    style = (
-        "body{font-family:sans-serif;margin:1.5em;max-width:1300px}"
-        "table{border-collapse:collapse;margin:.5em 0 1.5em}"
-        "th,td{border:1px solid #ccc;padding:3px 7px;font-size:13px;vertical-align:top}"
-        "th{background:#f0f0f0}code{white-space:pre;background:#f6f6f6}"
-        "img{max-width:100%}.note{color:#666;font-size:12px}"
-    )
-    return (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
-        f"<title>Engram memory: {_e(report.run_name)}</title><style>{style}</style></head>"
-        "<body>" + "\n".join(parts) + "</body></html>\n"
-    )
