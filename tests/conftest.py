@@ -55,3 +55,15 @@ def analysis_env(analysis_cache, monkeypatch: pytest.MonkeyPatch):
     """Point the library's caches at the session's private analysis cache."""
     monkeypatch.setenv("ENGRAM_CACHE_DIR", str(analysis_cache))
     return analysis_cache
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: as fast, and immune to OpenMP contention
+    on a loaded machine (two threads spin-waiting on a busy core run ~10x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -7,7 +7,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
 from engram.analysis.gate_report import analyze_gates, gate_rows, gates_report
 from engram.analysis.gates import gate_values
@@ -23,14 +22,7 @@ from engram.train import load_trained
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is as fast, and immune to OpenMP contention
-    on a loaded machine (two threads then spin-wait: 10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -------------------------------------------------------------------------------------- html

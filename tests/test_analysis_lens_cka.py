@@ -58,14 +58,7 @@ def _inputs(hasher: NgramHasher | None, B: int = 2, T: int = 12, seed: int = 0):
     return x, None if hasher is None else hasher.hash_all(x)  # (B, T), (L, B, T, H)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread for this module (restored after it): the ops here are tiny, and on a
-    busy 2-core machine a second OpenMP thread spin-waiting turns a 5 ms forward into 2 s."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hooks(model: EngramLM) -> int:

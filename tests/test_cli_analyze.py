@@ -5,18 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from engram.cli import main
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny forwards are far slower with 2 threads when another process holds a core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(argv, capsys):

@@ -38,7 +38,14 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from engram.analysis.hidden import PathLike, block_outputs, load_runs, shared_val_data, val_inputs
+from engram.analysis.hidden import (
+    PathLike,
+    block_outputs,
+    data_summary,
+    load_runs,
+    shared_val_data,
+    val_inputs,
+)
 from engram.analysis.lens import check_max_batches, layer_labels
 from engram.atomic import atomic_write_text
 from engram.model import EngramLM
@@ -334,11 +341,7 @@ def analyze_cka(
         matrix=matrix,
         n_tokens=n_tokens,
         n_batches=n_batches,
-        data={
-            "source": data.cfg.source,
-            "seq_len": data.cfg.seq_len,
-            "batch_size": data.cfg.batch_size,
-        },
+        data=data_summary(data),
         seconds=seconds,
         png=png,
         json=out / "cka.json",

@@ -151,3 +151,12 @@ def shared_val_data(first: RunParts, data_source: str | None = None) -> DataSpli
     if data_source is not None:
         data_cfg = dataclasses.replace(data_cfg, source=data_source)
     return prepare_data(data_cfg, first.tokenizer, EOT_ID)
+
+
+def data_summary(data: DataSplits) -> dict[str, Any]:
+    """Which tokens an analysis read: source, sequence length, batch size (for its JSON)."""
+    return {
+        "source": data.cfg.source,
+        "seq_len": data.cfg.seq_len,
+        "batch_size": data.cfg.batch_size,
+    }

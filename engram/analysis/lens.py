@@ -40,6 +40,7 @@ from torch import Tensor
 from engram.analysis.hidden import (
     PathLike,
     block_outputs,
+    data_summary,
     final_logits,
     load_runs,
     shared_val_data,
@@ -229,11 +230,7 @@ def analyze_logit_lens(
         engram_layer_ids=layer_ids,
         n_tokens=n_tokens,
         n_batches=n_batches,
-        data={
-            "source": data.cfg.source,
-            "seq_len": data.cfg.seq_len,
-            "batch_size": data.cfg.batch_size,
-        },
+        data=data_summary(data),
         seconds=seconds,
         png=png,
         json=out / "logit_lens.json",
