@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -140,10 +141,9 @@ def per_token_loss(
                 logits = h[s : s + chunk] @ w32.T  # (C, V)
                 if bias is not None:
                     logits += bias.float()
-                picked = logits.gather(1, safe_t[s : s + chunk, None]).squeeze(1)  # (C,)
-                peak = logits.amax(dim=-1, keepdim=True)  # (C, 1)
-                lse = peak.squeeze(1) + logits.sub_(peak).exp_().sum(dim=-1).log()  # (C,)
-                losses[s : s + chunk] = lse - picked
+                losses[s : s + chunk] = F.cross_entropy(
+                    logits, safe_t[s : s + chunk], reduction="none"
+                )  # (C,)
             arr = losses.double().cpu().numpy().reshape(tuple(y.shape))
             arr[y.numpy() == -1] = np.nan
             out.append(arr)
