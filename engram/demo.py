@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engram.analysis.gate_report import gate_rows, plot_gate_panels
 from engram.analysis.gates import GateReading, gate_values
 from engram.atomic import atomic_write_text
 from engram.data import prepare_data
 from engram.plan import Plan, format_plan
-from engram.plots import plot_gate_heatmap, plot_loss_curves
+from engram.plots import plot_loss_curves
 from engram.presets import DEMO_RHO, demo_moe, plan_for, quick_moe
 from engram.run_config import RunConfig
 from engram.tokenizer import EOT_ID, load_builtin_tokenizer
@@ -174,9 +175,9 @@ def run_demo(
     parts, _ = load_trained(eng.out_dir)
     assert parts.indexer is not None
     reading = gate_values(parts.model, parts.indexer, GATE_SENTENCE)
-    gate_png = plot_gate_heatmap(
+    gate_png = plot_gate_panels(
         reading.tokens,
-        {f"layer {lid}": g for lid, g in reading.gates.items()},
+        gate_rows(reading),
         out / "gate_heatmap.png",
         title="Engram gate per token (0-based layer ids)",
     )

@@ -1,4 +1,4 @@
-"""PNG figures: loss curves of one or more runs, and gate values drawn over a sentence.
+"""PNG figures: loss curves of one or more runs, and sweep curves (loss against a knob).
 
 Design choices:
 - matplotlib with the non-interactive Agg backend, chosen explicitly through `Figure` objects
@@ -65,46 +65,6 @@ def plot_loss_curves(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
-def plot_gate_heatmap(
-    tokens: Sequence[str],
-    gates: Mapping[str, np.ndarray],
-    path: str | os.PathLike[str],
-    title: str = "Engram gate per token",
-) -> Path:
-    """A heatmap with one row per (layer, branch) and one column per token.
-
-    `gates` maps a row label (e.g. "layer 1") to an array (T,) or (T, M) of gate values in [0, 1].
-    """
-    labels: list[str] = []
-    rows: list[np.ndarray] = []
-    for name, g in gates.items():
-        g = np.asarray(g, dtype=float)
-        if g.ndim == 1:
-            g = g[:, None]
-        if g.shape[0] != len(tokens):
-            raise ValueError(
-                f"gates[{name!r}] has {g.shape[0]} positions, expected {len(tokens)} tokens"
-            )
-        for m in range(g.shape[1]):
-            labels.append(name if g.shape[1] == 1 else f"{name} branch {m}")
-            rows.append(g[:, m])
-    data = np.stack(rows)  # (rows, T)
-    width = max(6.0, 0.42 * len(tokens) + 1.5)
-    fig = Figure(figsize=(width, 1.4 + 0.45 * len(rows)))
-    ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
-    shown = [t.replace("\n", "\\n") for t in tokens]
-    ax.set_xticks(range(len(tokens)), shown, rotation=60, ha="right", fontsize=9)
-    ax.set_yticks(range(len(labels)), labels, fontsize=9)
-    for r in range(data.shape[0]):
-        for c in range(data.shape[1]):
-            ax.text(c, r, f"{data[r, c]:.2f}", ha="center", va="center", fontsize=6,
-                    color="white" if data[r, c] < 0.6 else "black")  # fmt: skip
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="gate a")
     return _save(fig, path)
 
 
