@@ -262,8 +262,9 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         )
     elif what == "lens":
         from engram.analysis.lens import analyze_logit_lens
+        from engram.checkpoint import read_checkpoint
 
-        names = [Path(c).resolve().name or str(c) for c in args.ckpt]
+        names = [str(read_checkpoint(c, verify=False).config.get("name", c)) for c in args.ckpt]
         if len(set(names)) < len(names):
             names = [f"{n} ({i + 1})" for i, n in enumerate(names)]
         report = analyze_logit_lens(
