@@ -125,3 +125,15 @@ def test_cli_sweep_errors_are_one_line(capsys, analysis_env, tmp_path):
     assert main(["sweep", "--preset", "tiny-engram", "--out", str(tmp_path / "s")]) == 2
     assert "must be an MoE" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_cli_sweep_prints_the_result_as_json(capsys, analysis_env, tmp_path):
+    argv = ["sweep", "--preset", "tiny-moe", "--out", str(tmp_path / "s"), "--rhos", "1,0.5",
+            "--table-scales", "none", "--steps", "2", "--set", "train.eval_every=0",
+            "--no-progress", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [c["rho"] for c in d["rho_curve"]] == [1.0, 0.5]
+    assert d["table_curve"] == [] and "table_png" not in d["files"]
+    assert all(p["step"] == 2 and p["val_loss"] > 0 for p in d["points"])
+    assert (tmp_path / "s" / "sweep_rho.png").is_file()
