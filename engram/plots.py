@@ -77,8 +77,12 @@ def plot_sweep_curve(
     title: str,
     log_x: bool = False,
     invert_x: bool = False,
+    reference: tuple[str, float] | None = None,
 ) -> Path:
-    """Validation loss against a swept quantity: each seed as a dot, the mean as a line."""
+    """Validation loss against a swept quantity: each seed as a dot, the mean as a line.
+
+    `reference` = (label, loss) draws a horizontal dashed line, e.g. the MoE baseline.
+    """
     if len(xs) != len(losses) or not xs:
         raise ValueError(f"need one loss list per x value, got {len(xs)} x and {len(losses)}")
     fig = Figure(figsize=(6.4, 4.0))
@@ -88,6 +92,8 @@ def plot_sweep_curve(
         ax.plot([x] * len(v), v, "o", color="tab:gray", ms=4, alpha=0.6)
     ax.plot(xs, means, "o-", color="tab:blue", lw=1.8, ms=6,
             label="mean over seeds" if max(map(len, losses)) > 1 else "validation loss")  # fmt: skip
+    if reference is not None:
+        ax.axhline(reference[1], color="tab:orange", ls="--", lw=1.2, label=reference[0])
     best = int(np.argmin(means))
     ax.plot([xs[best]], [means[best]], "*", color="tab:red", ms=14, label="lowest")
     if log_x:

@@ -244,12 +244,14 @@ def plot_sweep(result: SweepResult) -> dict[str, Path]:
             xlabel="rho: fraction of the sparse budget in routed experts (1 = MoE baseline)",
             title="Allocation sweep at equal total params and active FLOPs", invert_x=True,
         )  # fmt: skip
+    moe = next((c for c in rc if c["rho"] == 1.0), None)
     if tc:
         files["table_png"] = plot_sweep_curve(
             [c["table_slots"] for c in tc], [c["val_loss"] for c in tc],
             result.out_dir / "sweep_table.png",
             xlabel="Engram table slots (all layers, log scale)", log_x=True,
             title="Table-size sweep at a fixed backbone",
+            reference=None if moe is None else ("MoE baseline (rho = 1)", moe["mean"]),
         )  # fmt: skip
     return files
 
