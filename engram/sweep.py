@@ -23,7 +23,8 @@ Design choices:
 - Data is prepared once and shared by every run (same tokens, same validation split): the
   points are a paired comparison, as in the demo. Several seeds give the spread that tells a
   real effect from seed noise; the plots show each seed and the mean.
-- `sweep.json` and the plots are rewritten after every finished point, so a long sweep can be
+- `sweep.json` and the plots are rewritten after every point trained in this call (and once at
+  the end), so a long sweep can be
   watched and an interrupted one still leaves its partial figure.
 """
 
@@ -184,15 +185,17 @@ def sweep_points(
         except PlanError as e:
             raise PlanError(f"rho={rho:g}: {e}") from e
 
+    # Plan each configuration once; the seeds only change train.seed.
+    configs = [("rho", rho, 1.0, baseline if rho == 1.0 else planned(rho)) for rho in sweep.rhos]
+    if sweep.table_scales:
+        fixed = planned(sweep.table_rho)
+        assert fixed.engram is not None
+        configs += [("table", sweep.table_rho, scale,
+                     replace(fixed, engram=_scaled(fixed.engram, scale)))
+                    for scale in sweep.table_scales]  # fmt: skip
     for seed in sweep.seeds:
-        for rho in sweep.rhos:
-            add("rho", rho, 1.0, seed, baseline if rho == 1.0 else planned(rho))
-        if sweep.table_scales:
-            cfg = planned(sweep.table_rho)
-            assert cfg.engram is not None
-            for scale in sweep.table_scales:
-                add("table", sweep.table_rho, scale, seed,
-                    replace(cfg, engram=_scaled(cfg.engram, scale)))  # fmt: skip
+        for kind, rho, scale, cfg in configs:
+            add(kind, rho, scale, seed, cfg)
     return out
 
 
@@ -291,30 +294,31 @@ def run_sweep(
             )
             r = train(cfg, out / point.run, progress=progress, data=data)
             done[point.run] = (r.val_loss, r.step)
+            point.val_loss, point.step = done[point.run]
+            if r.history:  # trained now (not re-reported): refresh the files for watchers
+                _write(result)
         point.val_loss, point.step = done[point.run]
-        _write(result)
+    _write(result)
     return result
 
 
 def format_sweep(result: SweepResult) -> str:
     """The two curves as text tables."""
-    lines = []
-    rc, tc = rho_curve(result.points), table_curve(result.points)
-    if rc:
-        lines.append("rho    experts  table slots   total params   val loss (per seed)  mean")
-        for c in rc:
+
+    def table(head: str, curve: list[dict[str, Any]], first: Callable[[dict], str]) -> list[str]:
+        lines = [head + "   table slots   total params   val loss (per seed)  mean"]
+        for c in curve:
             per = ", ".join(f"{v:.4f}" for v in c["val_loss"])
             lines.append(
-                f"{c['rho']:<6g} {c['routed_experts']:>7}  {c['table_slots']:>11,}  "
-                f"{c['total_params']:>13,}   {per:<19}  {c['mean']:.4f}"
-            )
-    if tc:
-        lines.append("")
-        lines.append("scale   table slots   total params   val loss (per seed)  mean")
-        for c in tc:
-            per = ", ".join(f"{v:.4f}" for v in c["val_loss"])
-            lines.append(
-                f"{c['table_scale']:<6g}  {c['table_slots']:>11,}  {c['total_params']:>13,}   "
+                f"{first(c)}  {c['table_slots']:>11,}  {c['total_params']:>13,}   "
                 f"{per:<19}  {c['mean']:.4f}"
             )
+        return lines
+
+    rc, tc = rho_curve(result.points), table_curve(result.points)
+    lines = []
+    if rc:
+        lines += table("rho    experts", rc, lambda c: f"{c['rho']:<6g} {c['routed_experts']:>7}")
+    if tc:
+        lines += ([""] if rc else []) + table("scale ", tc, lambda c: f"{c['table_scale']:<6g}")
     return "\n".join(lines)
