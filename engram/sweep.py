@@ -24,8 +24,8 @@ Design choices:
   points are a paired comparison, as in the demo. Several seeds give the spread that tells a
   real effect from seed noise; the plots show each seed and the mean.
 - `sweep.json` and the plots are rewritten after every point trained in this call (and once at
-  the end), so a long sweep can be
-  watched and an interrupted one still leaves its partial figure.
+  the end), so a long sweep can be watched and an interrupted one still leaves its partial
+  figure.
 """
 
 from __future__ import annotations
