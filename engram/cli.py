@@ -98,6 +98,11 @@ def cmd_rows(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- runs
 
 
+def _check_data(data: str | None) -> None:
+    if data and not str(data).startswith("builtin") and not Path(data).exists():
+        raise CLIError(f"--data {data!r} does not exist; expected a file or directory")
+
+
 def _run_config(args: argparse.Namespace, default_preset: str | None = None):  # -> RunConfig
     from engram.presets import preset
     from engram.run_config import RunConfig, apply_overrides
@@ -122,8 +127,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from engram.train import train
 
     cfg = _run_config(args)
-    if args.data and not str(args.data).startswith("builtin") and not Path(args.data).exists():
-        raise CLIError(f"--data {args.data!r} does not exist; expected a file or directory")
+    _check_data(args.data)
     result = train(cfg, args.out, resume=not args.no_resume, progress=not args.no_progress)
     c = result.counts
     print(
@@ -145,8 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     parts, ckpt = load_trained(args.ckpt)
     data_cfg = parts.cfg.data
     if args.data:
-        if not str(args.data).startswith("builtin") and not Path(args.data).exists():
-            raise CLIError(f"--data {args.data!r} does not exist; expected a file or directory")
+        _check_data(args.data)
         data_cfg = replace(data_cfg, source=str(args.data))
     splits = prepare_data(data_cfg, parts.tokenizer, EOT_ID)
     batches = list(splits.val_batches(args.batches))
@@ -199,8 +202,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from engram.sweep import SweepConfig, format_sweep, run_sweep
 
     base = _run_config(args, default_preset="demo-moe")
-    if args.data and not str(args.data).startswith("builtin") and not Path(args.data).exists():
-        raise CLIError(f"--data {args.data!r} does not exist; expected a file or directory")
+    _check_data(args.data)
     kwargs: dict = {}
     for name, value in (("rhos", _floats(args.rhos, "--rhos")),
                         ("table_scales", _floats(args.table_scales, "--table-scales"))):  # fmt: skip
@@ -223,11 +225,6 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     else:
         print(format_sweep(result))
         print("wrote " + ", ".join(str(v) for v in result.files.values()))
-
-
-def _check_data(data: str | None) -> None:
-    if data and not str(data).startswith("builtin") and not Path(data).exists():
-        raise CLIError(f"--data {data!r} does not exist; expected a file or directory")
 
 
 def _parse_row(text: str) -> tuple[int, int, int]:
