@@ -68,9 +68,8 @@ from engram.analysis.ngram_counts import (
     NgramCounts,
     OrderCounts,
     corpus_counts,
-    require_engram,
 )
-from engram.analysis.runs import load_engram_run
+from engram.analysis.runs import load_engram_run, require_engram
 from engram.atomic import atomic_write_bytes, atomic_write_text
 from engram.hashing import NgramHasher
 from engram.layer import Engram
@@ -242,7 +241,7 @@ class MemoryIndex:
 
     @classmethod
     def build(cls, parts: RunParts, counts: NgramCounts) -> MemoryIndex:
-        indexer = require_engram(parts)
+        indexer = require_engram(parts, "the memory explorer")
         hasher = indexer.hasher
         N, K = hasher.max_ngram_size, hasher.n_head_per_ngram
         _check_counts(parts, counts)
@@ -414,7 +413,7 @@ def explore_ngram(
 ) -> NgramReport:
     """For each Engram layer, order n and head: the row the last n tokens of ``text`` hit, its
     norm and percentile, the n-gram's corpus count, and the frequent n-grams colliding there."""
-    indexer = require_engram(parts)
+    indexer = require_engram(parts, "the memory explorer")
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"text must be a non-empty string, got {text!r}")
     index = index if index is not None else MemoryIndex.build(parts, counts)
@@ -484,7 +483,7 @@ def explore_row(
 ) -> RowReport:
     """The frequent corpus n-grams that map to local ``row`` of sub-table ``head`` (flat index,
     orders ascending then heads) of Engram layer ``layer_id``, sorted by count; the row's norm."""
-    indexer = require_engram(parts)
+    indexer = require_engram(parts, "the memory explorer")
     for name, value in (("layer_id", layer_id), ("head", head), ("row", row)):
         _check_int(name, value)
     layer_id, head, row = int(layer_id), int(head), int(row)

@@ -30,8 +30,8 @@ Design choices:
   max_tokens, min_count and the largest order -- but not the hash seeds or table sizes, so runs
   that differ only in their memory's shape share one count file. A file that fails to load or
   verify is rebuilt with a warning, never trusted.
-- A run without Engram layers is refused with ``NoEngramError`` (``require_engram``): there is
-  no order to count up to.
+- A run without Engram layers is refused with ``NoEngramError``
+  (``engram.analysis.runs.require_engram``): there is no order to count up to.
 """
 
 from __future__ import annotations
@@ -49,11 +49,10 @@ from typing import Any, Final
 
 import numpy as np
 
-from engram.analysis.runs import NoEngramError
+from engram.analysis.runs import require_engram
 from engram.atomic import atomic_write_bytes
 from engram.compress import TokenizerCompressor
 from engram.data import DataConfig, cache_key, prepare_data
-from engram.indexer import NgramIndexer
 from engram.tokenizer import EOT_ID
 from engram.train import RunParts
 
@@ -402,7 +401,7 @@ def corpus_counts(
     ``data_source`` replaces the run's ``data.source``; with ``cache_path`` the counts are read
     from / written to that ``.npz``. Returns (counts, reused_from_cache).
     """
-    require_engram(parts)
+    require_engram(parts, "the memory explorer")
     data_cfg = parts.cfg.data
     if data_source is not None:
         data_cfg = dataclasses.replace(data_cfg, source=data_source)
@@ -422,13 +421,3 @@ def corpus_counts(
     if cache_path is None:
         return build(), False
     return NgramCounts.load_or_build(cache_path, fp, build)
-
-
-def require_engram(parts: RunParts) -> NgramIndexer:
-    """The run's indexer; ``NoEngramError`` for a run without Engram layers (a baseline)."""
-    if parts.indexer is None or not parts.model.engram_layers():
-        raise NoEngramError(
-            f"run {parts.cfg.name!r} has no Engram layers (a baseline without memory); the "
-            "memory explorer needs a run trained with an engram config"
-        )
-    return parts.indexer

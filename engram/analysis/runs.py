@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from engram.checkpoint import Checkpoint
+    from engram.indexer import NgramIndexer
     from engram.train import RunParts
 
 
@@ -29,9 +30,14 @@ def load_engram_run(run_dir: str | os.PathLike[str], purpose: str) -> tuple[RunP
             f"run {os.fspath(run_dir)!r} ({name!r}, checkpoint {ckpt.path.name}) has no Engram "
             f"layers (a baseline model): {purpose} needs a model with Engram memory"
         )
-    parts, ckpt = load_trained(run_dir)
+    return load_trained(run_dir)
+
+
+def require_engram(parts: RunParts, purpose: str = "this analysis") -> NgramIndexer:
+    """The loaded run's indexer; `NoEngramError` for a run without Engram layers (a baseline)."""
     if parts.indexer is None or not parts.model.engram_layers():
         raise NoEngramError(
-            f"run {os.fspath(run_dir)!r} has no Engram layers: {purpose} needs them"
+            f"run {parts.cfg.name!r} has no Engram layers (a baseline without memory); "
+            f"{purpose} needs a run trained with an engram config"
         )
-    return parts, ckpt
+    return parts.indexer
