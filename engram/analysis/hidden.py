@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from engram.compress import tokenizer_fingerprint, tokenizer_vocab_size
-from engram.data import DataSplits, prepare_data
+from engram.data import DataConfig, DataSplits, prepare_data
 from engram.model import EngramLM
 from engram.tokenizer import EOT_ID
 from engram.train import RunParts, load_trained
@@ -145,12 +145,16 @@ def load_runs(run_dirs: Mapping[str, PathLike]) -> dict[str, RunParts]:
     return runs
 
 
+def data_config(run: RunParts, data_source: str | None = None) -> DataConfig:
+    """The run's data config, its source replaced by `data_source` when given."""
+    if data_source is None:
+        return run.cfg.data
+    return dataclasses.replace(run.cfg.data, source=data_source)
+
+
 def shared_val_data(first: RunParts, data_source: str | None = None) -> DataSplits:
-    """The validation data of `first`'s data config (source replaced by `data_source`)."""
-    data_cfg = first.cfg.data
-    if data_source is not None:
-        data_cfg = dataclasses.replace(data_cfg, source=data_source)
-    return prepare_data(data_cfg, first.tokenizer, EOT_ID)
+    """The data of `first`'s data config (source replaced by `data_source`), prepared."""
+    return prepare_data(data_config(first, data_source), first.tokenizer, EOT_ID)
 
 
 def data_summary(data: DataSplits) -> dict[str, Any]:

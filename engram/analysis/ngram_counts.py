@@ -36,7 +36,6 @@ Design choices:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -49,6 +48,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from engram.analysis.hidden import data_config
 from engram.analysis.runs import require_engram
 from engram.atomic import atomic_write_bytes
 from engram.compress import TokenizerCompressor
@@ -402,9 +402,7 @@ def corpus_counts(
     from / written to that ``.npz``. Returns (counts, reused_from_cache).
     """
     require_engram(parts, "the memory explorer")
-    data_cfg = parts.cfg.data
-    if data_source is not None:
-        data_cfg = dataclasses.replace(data_cfg, source=data_source)
+    data_cfg = data_config(parts, data_source)
     max_order = parts.indexer.cfg.max_ngram_size
     fp = counts_fingerprint(
         data_cfg, parts.tokenizer, parts.compressor,

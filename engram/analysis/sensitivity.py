@@ -35,7 +35,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from engram.analysis.hidden import shared_val_data
 from engram.analysis.html import token_heat_html, write_html
 from engram.analysis.runs import NoEngramError, load_engram_run
 from engram.atomic import atomic_write_text
@@ -409,21 +410,15 @@ def analyze_sensitivity(
     Token types are listed only when they occur at least `min_count` times as targets.
     Refuses a run without Engram layers (`NoEngramError`).
     """
-    from engram.data import prepare_data
-    from engram.tokenizer import EOT_ID
-
     parts, ckpt = load_engram_run(run_dir, "the sensitivity analysis")
     assert parts.indexer is not None
-    data_cfg = parts.cfg.data
-    if data_source is not None:
-        data_cfg = replace(data_cfg, source=data_source)
-    data = prepare_data(data_cfg, parts.tokenizer, EOT_ID)
+    data = shared_val_data(parts, data_source)
     batches = list(data.val_batches(max_batches))
     source = {
         "run_dir": os.fspath(run_dir),
         "checkpoint": ckpt.path.name,
         "step": ckpt.step,
-        "data_source": data_cfg.source,
+        "data_source": data.cfg.source,
         "max_batches": max_batches,
     }
     return sensitivity_report(
