@@ -64,22 +64,7 @@ def gate_values(model: EngramLM, indexer: NgramIndexer, text: str) -> GateReadin
     """Gate per token of `text` (one sequence) for every Engram layer of `model`."""
     if not text.strip():
         raise ValueError("text is empty; expected a sentence to read the gates on")
-    ids = indexer.encode(text)
-    max_len = model.cfg.max_seq_len
-    if len(ids) > max_len:
-        raise ValueError(f"text is {len(ids)} tokens; the model reads at most {max_len}")
-    x = torch.as_tensor(ids, dtype=torch.long)[None]  # (1, T)
-    rows = torch.as_tensor(indexer.rows(ids[None]))  # (L, 1, T, H)
-    was_training = model.training
-    model.eval()
-    try:
-        with record_gates(model) as rec:
-            model(x, rows)
-    finally:
-        model.train(was_training)
-    tokens = [indexer.token_text(int(t)) for t in ids]
-    gates = {lid: torch.cat(v, dim=0)[0].float().numpy() for lid, v in rec.items()}  # (T, M)
-    return GateReading(tokens, gates)
+    return gate_values_ids(model, indexer, indexer.encode(text))
 
 
 @torch.no_grad()
