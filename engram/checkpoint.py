@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
@@ -48,6 +49,20 @@ LATEST = "LATEST"
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
+# A table tensor's key ends with this (`blocks.<i>.engram.store.weight`).
+EXTERNAL_TABLE_SUFFIX = ".engram.store.weight"
+
+
+def load_model_state(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> tuple[list, list]:
+    """`load_state_dict(strict=False)` that accepts a tied weight stored under one name only.
+
+    Returns (missing, unexpected) like `load_state_dict`, minus the tied aliases of loaded keys.
+    """
+    result = model.load_state_dict(dict(tensors), strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in tensors if k in params}
+    missing = [k for k in result.missing_keys if not (k in params and id(params[k]) in loaded)]
+    return missing, list(result.unexpected_keys)
 
 
 class CheckpointError(ValueError):
@@ -279,11 +294,25 @@ def check_fingerprint(ckpt: Checkpoint, expected: str | None) -> None:
 
 
 def load_model_weights(ckpt: Checkpoint, model: nn.Module) -> None:
-    """Load the checkpoint's model tensors into `model` (strict: every key must match)."""
+    """Load the checkpoint's model tensors into `model` (strict: every key must match).
+
+    The one exception: a table the model serves from an outside store (an Engram layer whose
+    store is not a module, e.g. an mmap'd table file) is skipped and never read into memory.
+    """
+    path = ckpt.path / MODEL_FILE
     try:
-        missing, unexpected = load_model(model, str(ckpt.path / MODEL_FILE), strict=False)
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+        own = set(model.state_dict())
+        external = {k for k in keys if k not in own and k.endswith(EXTERNAL_TABLE_SUFFIX)}
+        if not external:
+            missing, unexpected = load_model(model, str(path), strict=False)
+        else:
+            with safe_open(str(path), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in keys if k not in external}
+            missing, unexpected = load_model_state(model, tensors)
     except Exception as e:  # safetensors raises several kinds on damaged/mismatched files
-        raise CheckpointError(f"cannot load {ckpt.path / MODEL_FILE} into the model: {e}") from e
+        raise CheckpointError(f"cannot load {path} into the model: {e}") from e
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {ckpt.path} does not fit this model: missing {sorted(missing)[:5]}, "

@@ -338,8 +338,8 @@ class Engram(nn.Module):
         if tuple(mask.shape) != (B, T):
             raise ValueError(f"mask must have shape (B, T) = ({B}, {T}), got {tuple(mask.shape)}")
 
-    def lookup(self, rows: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Local row ids (B, T, H) -> concatenated memory e (B, T, H*dh).
+    def global_rows(self, rows: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Local row ids (B, T, H) -> the store's global ids (B, T, H), bounds-checked.
 
         Dead positions (mask False) read row 0 of each sub-table and are not bounds-checked.
         """
@@ -358,8 +358,36 @@ class Engram(nn.Module):
                     f"batch {b}, position {t} is out of range [0, {self.table_sizes[h]}) "
                     f"({int(bad.sum())} offending id(s) in total)"
                 )
-        e = self.store.gather(rows + self.offsets)  # (B, T, H, dh)
+        return rows + self.offsets  # (B, T, H)
+
+    def lookup(self, rows: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Local row ids (B, T, H) -> concatenated memory e (B, T, H*dh)."""
+        e = self.store.gather(self.global_rows(rows, mask))  # (B, T, H, dh)
         return e.flatten(start_dim=-2)  # (B, T, E)
+
+    def prefetch(self, rows: Tensor, mask: Tensor | None = None) -> bool:
+        """Ask the store to start fetching the rows a later `forward(.., rows, mask)` will read.
+
+        Addresses depend on the tokens alone, so a caller that knows the next tokens can call
+        this before the blocks below this layer run. A no-op (returns False) for a store without
+        `prefetch`; the forward is correct either way.
+        """
+        prefetch = getattr(self.store, "prefetch", None)
+        if prefetch is None:
+            return False
+        prefetch(self.global_rows(rows, mask))
+        return True
+
+    def set_store(self, store: RowStore) -> None:
+        """Serve this layer's rows from `store` (same shape) instead of the current one."""
+        if store.num_rows != sum(self.table_sizes) or store.dim != self.head_dim:
+            raise ValueError(
+                f"store has shape ({store.num_rows}, {store.dim}), expected "
+                f"(sum(table_sizes), head_dim) = ({sum(self.table_sizes)}, {self.head_dim})"
+            )
+        if "store" in self._modules:
+            del self._modules["store"]
+        self.store = store
 
     # ----------------------------------------------------------------------------------- gate
     def _as_branches(self, hidden: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from engram.indexer import NgramIndexer
 from engram.model import EngramLM, ParamCounts
 from engram.optim import build_optimizer, lr_multiplier
 from engram.run_config import ConfigError, RunConfig
+from engram.store.base import RowStore
 from engram.tokenizer import EOT_ID, load_builtin_tokenizer
 
 METRICS_FILE = "metrics.jsonl"
@@ -95,8 +96,16 @@ class TrainResult:
         return None if self.val_loss is None else math.exp(self.val_loss)
 
 
-def build_run(cfg: RunConfig, tokenizer: Any | None = None, cache_dir: Any = None) -> RunParts:
-    """Tokenizer, compressor, indexer and a freshly initialised model for `cfg` (seeded)."""
+def build_run(
+    cfg: RunConfig,
+    tokenizer: Any | None = None,
+    cache_dir: Any = None,
+    stores: Mapping[int, RowStore] | None = None,
+) -> RunParts:
+    """Tokenizer, compressor, indexer and a freshly initialised model for `cfg` (seeded).
+
+    `stores` serve the given Engram layers' rows (see `EngramLM`); their tables are not built.
+    """
     tokenizer = tokenizer if tokenizer is not None else load_builtin_tokenizer()
     kwargs = {} if cache_dir is None else {"cache_dir": cache_dir}
     compressor = TokenizerCompressor.from_tokenizer(tokenizer, **kwargs)
@@ -112,7 +121,12 @@ def build_run(cfg: RunConfig, tokenizer: Any | None = None, cache_dir: Any = Non
         table_sizes = {lid: indexer.hasher.flat_table_sizes(lid) for lid in cfg.engram.layer_ids}
     torch.manual_seed(cfg.train.seed)
     model = EngramLM(
-        cfg.model, cfg.engram, table_sizes, table_std=cfg.train.table_std, seed=cfg.train.seed
+        cfg.model,
+        cfg.engram,
+        table_sizes,
+        table_std=cfg.train.table_std,
+        seed=cfg.train.seed,
+        stores=stores,
     )
     return RunParts(cfg, tokenizer, compressor, indexer, model)
 
@@ -178,15 +192,21 @@ def _same_run(a: RunConfig, b: RunConfig) -> bool:
 
 
 def load_trained(
-    ckpt_path: str | os.PathLike[str], tokenizer: Any | None = None
+    ckpt_path: str | os.PathLike[str],
+    tokenizer: Any | None = None,
+    stores: Mapping[int, RowStore] | None = None,
 ) -> tuple[RunParts, Checkpoint]:
-    """A trained model (and its tokenizer/indexer) from a run or checkpoint directory."""
+    """A trained model (and its tokenizer/indexer) from a run or checkpoint directory.
+
+    With `stores` ({layer_id: RowStore}, e.g. table files exported from this checkpoint), those
+    layers read their rows from the stores and the checkpoint's tables are not loaded.
+    """
     ckpt = read_checkpoint(ckpt_path)
     try:
         cfg = RunConfig.from_dict(ckpt.config)
     except ConfigError as e:
         raise ConfigError(f"checkpoint {ckpt.path} holds an invalid config: {e}") from e
-    parts = build_run(cfg, tokenizer)
+    parts = build_run(cfg, tokenizer, stores=stores)
     check_fingerprint(ckpt, parts.hash_fingerprint)
     load_model_weights(ckpt, parts.model)
     parts.model.eval()

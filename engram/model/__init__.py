@@ -1,11 +1,13 @@
 """The transformer backbone that hosts Engram layers.
 
 One module each: ``config`` (`ModelConfig`), ``attention`` (RoPE causal self-attention),
+``cache`` (`DecodeCache`: KV caches and conv states for decoding),
 ``ffn`` (dense SwiGLU and the DeepSeek-V3-style MoE), ``hyper`` (hyper-connections) and
 ``transformer`` (`Block`, `EngramLM`, exact parameter and FLOP accounting).
 """
 
-from engram.model.attention import CausalSelfAttention, RotaryEmbedding
+from engram.model.attention import CausalSelfAttention, KVCache, RotaryEmbedding
+from engram.model.cache import DecodeCache
 from engram.model.config import ModelConfig
 from engram.model.ffn import MoE, Routing, SwiGLU
 from engram.model.hyper import HyperConnection
@@ -21,8 +23,10 @@ from engram.model.transformer import (
 __all__ = [
     "Block",
     "CausalSelfAttention",
+    "DecodeCache",
     "EngramLM",
     "HyperConnection",
+    "KVCache",
     "LMOutput",
     "MoE",
     "ModelConfig",

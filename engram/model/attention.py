@@ -12,13 +12,55 @@ Design choices:
   Any position >= max_seq_len is an error, never a silent wrap.
 - q, k, v, o are four bias-free Linear layers (readable, and the parameter count is plain
   4*D*D); attention itself is `F.scaled_dot_product_attention(is_causal=True)`.
+- Decoding: `forward(..., kv=KVCache)` writes this call's keys and values into the cache's
+  preallocated slots [start, start+T) and attends over slots [0, start+T) under an explicit mask:
+  key j is visible to query i iff the key is live (`key_live`, False at padding) and
+  j <= start+i. A query always sees its own slot, so a padding query's softmax is never empty
+  (its output is garbage nobody reads: live tokens never see a dead key). Buffers are
+  preallocated once per generation, so a step costs no reallocation; `KVCache.reorder` selects
+  sequences (beam search, batch compaction).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+@dataclass
+class KVCache:
+    """One attention layer's keys and values for slots [0, capacity) of B sequences."""
+
+    k: Tensor  # (B, nh, S, hd), S = capacity
+    v: Tensor  # (B, nh, S, hd)
+
+    @classmethod
+    def empty(
+        cls,
+        B: int,
+        n_heads: int,
+        capacity: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        shape = (B, n_heads, capacity, head_dim)
+        return cls(
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def reorder(self, index: Tensor) -> KVCache:
+        """The cache of sequences `index` (B',) of this one."""
+        return KVCache(self.k[index], self.v[index])
 
 
 class RotaryEmbedding(nn.Module):
@@ -91,14 +133,44 @@ class CausalSelfAttention(nn.Module):
         self.wo = nn.Linear(d_model, d_model, bias=False)
         self.rope = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
 
-    def forward(self, x: Tensor, positions: int | Tensor = 0) -> Tensor:
-        """x (B, T, D) -> (B, T, D); token t attends to tokens <= t of this call."""
+    def forward(
+        self,
+        x: Tensor,
+        positions: int | Tensor = 0,
+        kv: KVCache | None = None,
+        start: int = 0,
+        key_live: Tensor | None = None,
+    ) -> Tensor:
+        """x (B, T, D) -> (B, T, D); token t attends to tokens <= t of this call.
+
+        With `kv`, this call's keys/values go to slots [start, start+T) and token t attends to
+        the live slots <= start+t; `key_live` (B, start+T) bool marks live slots (None = all).
+        """
         B, T, D = x.shape
         nh, hd = self.n_heads, self.head_dim
         q = self.wq(x).view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.wk(x).view(B, T, nh, hd).transpose(1, 2)
         v = self.wv(x).view(B, T, nh, hd).transpose(1, 2)
         q, k = self.rope(q, positions), self.rope(k, positions)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
+        else:
+            end = start + T
+            if end > kv.capacity:
+                raise ValueError(
+                    f"KV cache holds {kv.capacity} slots; slots [{start}, {end}) do not fit"
+                )
+            kv.k[:, :, start:end] = k
+            kv.v[:, :, start:end] = v
+            j = torch.arange(end, device=x.device)  # key slots
+            i = torch.arange(start, end, device=x.device)  # query slots
+            visible = j[None, :] <= i[:, None]  # (T, S') causal
+            if key_live is not None:
+                visible = visible & key_live[:, None, :end]  # (B, T, S')
+                visible = visible | (j[None, :] == i[:, None])  # a query sees its own slot
+            mask = visible.unsqueeze(-3) if visible.dim() == 3 else visible  # (B, 1, T, S')
+            y = F.scaled_dot_product_attention(
+                q, kv.k[:, :, :end], kv.v[:, :, :end], attn_mask=mask
+            )  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.wo(y)

@@ -39,11 +39,13 @@ from torch import Tensor, nn
 
 from engram.config import EngramConfig
 from engram.layer import Engram
-from engram.model.attention import CausalSelfAttention
+from engram.model.attention import CausalSelfAttention, KVCache
+from engram.model.cache import DecodeCache, new_positions
 from engram.model.config import ModelConfig
 from engram.model.ffn import MoE, SwiGLU
 from engram.model.hyper import HyperConnection
 from engram.model.loss import linear_cross_entropy
+from engram.store.base import RowStore
 
 
 @dataclass
@@ -104,23 +106,44 @@ class Block(nn.Module):
         rows: Tensor | None = None,
         mask: Tensor | None = None,
         positions: int | Tensor = 0,
+        cache: DecodeCache | None = None,
     ) -> tuple[Tensor, Tensor]:
         """h (B, T, D) if M == 1 else (B, T, M, D); rows (B, T, H) for the Engram layer.
 
-        Returns (h', aux_loss) with h' shaped like h.
+        With `cache` (decoding), attention reads and extends this block's KV cache and the
+        Engram layer continues from (and replaces) its conv state. Returns (h', aux_loss) with
+        h' shaped like h.
         """
         if self.engram is not None:
             if rows is None:
                 raise ValueError(
                     f"block {self.layer_index} has an Engram layer: rows (B, T, H) are required"
                 )
-            h = h + self.engram(h, rows, mask)
+            if cache is None:
+                h = h + self.engram(h, rows, mask)
+            else:
+                y, cache.conv[self.layer_index] = self.engram(
+                    h, rows, mask, conv_state=cache.conv[self.layer_index]
+                )
+                h = h + y
+
+        def attend(x: Tensor) -> Tensor:  # (B, T, D) -> (B, T, D)
+            if cache is None:
+                return self.attn(self.attn_norm(x), positions)
+            return self.attn(
+                self.attn_norm(x),
+                positions,
+                kv=cache.kv[self.layer_index],
+                start=cache.length,
+                key_live=cache.key_live,
+            )
+
         if self.hc_mult == 1:
-            h = h + self.attn(self.attn_norm(h), positions)  # (B, T, D)
+            h = h + attend(h)  # (B, T, D)
             y, aux = self._ffn(h)
             return h + y, aux
         x, ctx = self.hc_attn.width(h)  # (B, T, D)
-        h = self.hc_attn.depth(self.attn(self.attn_norm(x), positions), ctx)  # (B, T, M, D)
+        h = self.hc_attn.depth(attend(x), ctx)  # (B, T, M, D)
         x, ctx = self.hc_ffn.width(h)
         y, aux = self._ffn(x)
         return self.hc_ffn.depth(y, ctx), aux
@@ -135,6 +158,8 @@ class EngramLM(nn.Module):
         table_sizes: `{layer_id: flat sub-table sizes}` from `NgramHasher.flat_table_sizes`.
         table_std: init std of the tables (1.0 like `nn.Embedding`).
         seed: seed of the backbone init (the tables use `engram_cfg.seed + layer_id`).
+        stores: `{layer_id: RowStore}` serving those layers' rows instead of a fresh in-RAM
+            table (e.g. an mmap'd table file larger than RAM); such tables are never allocated.
     """
 
     def __init__(
@@ -145,12 +170,17 @@ class EngramLM(nn.Module):
         *,
         table_std: float = 1.0,
         seed: int = 0,
+        stores: Mapping[int, RowStore] | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.engram_cfg = engram_cfg
         self.layer_ids: tuple[int, ...] = () if engram_cfg is None else engram_cfg.layer_ids
         _check_engram_layout(cfg, engram_cfg, table_sizes, "table_sizes")
+        stores = dict(stores or {})
+        extra = sorted(set(stores) - set(self.layer_ids))
+        if extra:
+            raise ValueError(f"stores given for layers {extra}, which have no Engram layer")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             engrams: dict[int, Engram] = {}
@@ -165,6 +195,7 @@ class EngramLM(nn.Module):
                         seed=engram_cfg.seed + lid,
                         norm_eps=cfg.norm_eps,
                         table_std=table_std,
+                        store=stores.get(lid),
                     )
             self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
             self.blocks = nn.ModuleList(Block(cfg, i, engrams.get(i)) for i in range(cfg.n_layers))
@@ -265,6 +296,40 @@ class EngramLM(nn.Module):
             non_embedding_active=active - embedding - untied_head,
         )
 
+    # ------------------------------------------------------------------------------ decoding
+    def new_cache(
+        self,
+        batch_size: int,
+        capacity: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> DecodeCache:
+        """An empty `DecodeCache` for `batch_size` sequences of at most `capacity` slots."""
+        if batch_size < 1 or capacity < 1:
+            raise ValueError(
+                f"batch_size and capacity must be >= 1, got {batch_size} and {capacity}"
+            )
+        ref = self.tok_emb.weight
+        device = ref.device if device is None else device
+        dtype = ref.dtype if dtype is None else dtype
+        cfg = self.cfg
+        kv = [
+            KVCache.empty(
+                batch_size, cfg.n_heads, capacity, cfg.head_dim, device=device, dtype=dtype
+            )
+            for _ in range(cfg.n_layers)
+        ]
+        conv = {
+            lid: e.init_conv_state(batch_size, device, dtype)
+            for lid, e in self.engram_layers().items()
+        }
+        return DecodeCache(
+            kv=kv,
+            conv=conv,
+            key_live=torch.zeros(batch_size, capacity, dtype=torch.bool, device=device),
+            n_live=torch.zeros(batch_size, dtype=torch.long, device=device),
+        )
+
     # ------------------------------------------------------------------------------ forward
     def _check_rows(self, rows: Tensor | None, B: int, T: int) -> None:
         if not self.layer_ids:
@@ -294,6 +359,7 @@ class EngramLM(nn.Module):
         targets: Tensor | None = None,
         mask: Tensor | None = None,
         return_logits: bool | None = None,
+        cache: DecodeCache | None = None,
     ) -> LMOutput:
         """idx (B, T) raw token ids; rows (L, B, T, H) from `NgramHasher.hash_all`;
         targets (B, T) with -1 = ignored; mask (B, T) bool, False = dead position for Engram.
@@ -301,11 +367,28 @@ class EngramLM(nn.Module):
         `return_logits` defaults to True without targets and False with them: the loss is then
         computed by the fused chunked output layer (`engram.model.loss`), which never builds
         the (B, T, V) logits; pass True to get both.
+
+        With `cache` (from `new_cache`), the call continues the cached sequences: its tokens fill
+        the next T slots, `mask` False marks padding (left padding for prompts of different
+        lengths), which no live token attends to and which does not advance positions. The cache
+        is updated in place.
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
         B, T = idx.shape
-        if idx.shape[1] > self.cfg.max_seq_len:
+        positions: int | Tensor = 0
+        if cache is not None:
+            if cache.batch_size != B:
+                raise ValueError(f"cache holds {cache.batch_size} sequences, idx has {B}")
+            if cache.length + T > cache.capacity:
+                raise ValueError(
+                    f"cache capacity {cache.capacity} exceeded: {cache.length} slots used, "
+                    f"{T} more requested; make the cache with a larger capacity"
+                )
+            live = torch.ones(B, T, dtype=torch.bool, device=idx.device) if mask is None else mask
+            cache.key_live[:, cache.length : cache.length + T] = live
+            positions = new_positions(cache, live)  # (B, T)
+        elif idx.shape[1] > self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}; "
                 f"raise ModelConfig.max_seq_len"
@@ -324,8 +407,10 @@ class EngramLM(nn.Module):
         aux_total = h.new_zeros(())
         for i, block in enumerate(self.blocks):
             block_rows = rows[slot[i]] if i in slot else None  # (B, T, H)
-            h, aux = block(h, block_rows, mask)
+            h, aux = block(h, block_rows, mask, positions, cache)
             aux_total = aux_total + aux
+        if cache is not None:
+            cache.length += T
         if M > 1:
             h = h.sum(dim=2)  # (B, T, D)
         h = self.norm(h)  # (B, T, D)

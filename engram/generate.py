@@ -1,0 +1,239 @@
+"""Autoregressive generation with a KV cache, streaming n-gram hashing and row prefetch.
+
+Axes: B prompts (sequences), T time (tokens in one call), L Engram layers, H sub-tables,
+V vocabulary.
+
+Design choices:
+- Three pieces of state advance together, one call at a time: the model's `DecodeCache` (KV
+  caches, Engram conv states, slot liveness), the n-gram `HashStream` (the last N-1 compressed
+  ids of each sequence) and the sampler's `torch.Generator`. Prefill is the same call as a
+  decode step, with T = the (chunk of the) prompt instead of 1, so there is one code path.
+- Prompts of different lengths are LEFT-padded into one batch. Padding slots are dead: no live
+  token attends to them, they do not advance positions, the Engram layers output 0 there and the
+  hash window restarts at each prompt's first real token, so every prompt is decoded exactly as
+  if it were alone (the tests prove incremental logits equal a full recompute per prompt).
+- The document separator (`<|endoftext|>`) starts a new n-gram document, as in training.
+- Prefetch: a row address depends on the tokens alone, so once a step's tokens are known every
+  Engram layer's rows are requested (`Engram.prefetch`) before block 0 runs; a store that can
+  prefetch (`engram.store.PrefetchingStore`) fetches a deep layer's rows while the blocks below
+  it compute, and the next prefill chunk's rows while the current chunk computes. Other stores
+  ignore the request.
+- Sampling: temperature 0 is greedy; otherwise softmax(logits / temperature), optionally
+  restricted to the top k, drawn with a seeded generator (same seed, same text, on CPU).
+  Finished sequences (after `eos_id`) keep decoding in the batch; their extra tokens are
+  dropped from the result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from engram.hashing import HashStream
+from engram.indexer import NgramIndexer
+from engram.model import DecodeCache, EngramLM
+
+
+@dataclass
+class GenerationResult:
+    """What `generate` returns."""
+
+    prompts: list[list[int]]  # the prompt ids, as given
+    tokens: list[list[int]]  # the new ids per prompt (up to and including eos_id, if met)
+    prefill_s: float  # seconds spent on the prompts
+    decode_s: float  # seconds spent on the decode steps
+    steps: int  # decode steps run (each produces one token per sequence)
+    logits: list[Tensor] | None = None  # with return_logits: (B, V) per produced token
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode throughput: tokens produced by decode steps (all sequences) per second."""
+        n = self.steps * len(self.prompts)
+        return n / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+class RowStream:
+    """Raw ids -> rows (L, B, T, H), one call at a time, as `NgramIndexer.rows` on the whole.
+
+    Keeps the hash window and whether each sequence's last token was the separator; `start`
+    (B, T) bool restarts the window at a position (a prompt's first real token).
+    """
+
+    def __init__(self, indexer: NgramIndexer, batch_size: int) -> None:
+        self.indexer = indexer
+        self.stream: HashStream = indexer.hasher.stream(batch_size)
+        self._last_was_sep = np.zeros(batch_size, dtype=bool)
+
+    def __call__(self, raw: np.ndarray, start: np.ndarray | None = None) -> Tensor:
+        """raw (B, T) int64 raw ids -> rows (L, B, T, H) int64 tensor."""
+        compressed = self.indexer.compressor.compress(raw)  # (B, T)
+        reset = np.zeros(raw.shape, dtype=bool)
+        sep = self.indexer.sep_id
+        if sep is not None:
+            is_sep = compressed == sep  # (B, T)
+            reset[:, 0] = self._last_was_sep
+            reset[:, 1:] = is_sep[:, :-1]
+            self._last_was_sep = is_sep[:, -1].copy()
+        if start is not None:
+            reset |= start
+        return torch.from_numpy(self.stream(compressed, reset=reset))
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not len(prompts):
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    out = []
+    for i, p in enumerate(prompts):
+        ids = [int(t) for t in p]
+        if not ids:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt {i} has token id {bad[0]} outside the model's vocabulary [0, {vocab_size})"
+            )
+        out.append(ids)
+    return out
+
+
+def sample_next(
+    logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator
+) -> Tensor:
+    """Next ids (B,) from last-position logits (B, V): greedy at temperature 0, else sampled."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scaled = logits.float() / temperature  # (B, V)
+    if top_k is not None and top_k < scaled.shape[-1]:
+        kth = scaled.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _prefetch(model: EngramLM, rows: Tensor | None, mask: Tensor | None) -> None:
+    if rows is None:
+        return
+    for i, layer in enumerate(model.engram_layers().values()):
+        layer.prefetch(rows[i], mask)
+
+
+@torch.no_grad()
+def generate(
+    model: EngramLM,
+    prompts: Sequence[Sequence[int]],
+    *,
+    indexer: NgramIndexer | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    eos_id: int | None = None,
+    prefill_chunk: int | None = None,
+    pad_id: int = 0,
+    return_logits: bool = False,
+) -> GenerationResult:
+    """Continue each prompt (a list of raw token ids) by up to `max_new_tokens` tokens.
+
+    `indexer` (the run's `NgramIndexer`) is required for a model with Engram layers.
+    `prefill_chunk` feeds long prompts in chunks of that many slots (None = one call).
+    `pad_id` fills the left padding (any valid id: padding is never read).
+    """
+    cfg = model.cfg
+    prompts_ = _check_prompts(prompts, cfg.vocab_size)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
+    if model.layer_ids and indexer is None:
+        raise ValueError(
+            f"this model has Engram layers at blocks {list(model.layer_ids)}: pass the run's "
+            "indexer (RunParts.indexer) to hash the generated tokens"
+        )
+    longest = max(len(p) for p in prompts_)
+    if longest + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(
+            f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's max_seq_len {cfg.max_seq_len}"
+        )
+    device = model.tok_emb.weight.device
+    B, P = len(prompts_), longest
+    raw = np.full((B, P), pad_id, dtype=np.int64)
+    live = np.zeros((B, P), dtype=bool)
+    for b, p in enumerate(prompts_):
+        raw[b, P - len(p) :] = p
+        live[b, P - len(p) :] = True
+    first = np.zeros((B, P), dtype=bool)
+    first[np.arange(B), P - np.array([len(p) for p in prompts_])] = True
+
+    cache: DecodeCache = model.new_cache(B, P + max_new_tokens, device)
+    rowstream = RowStream(indexer, B) if model.layer_ids and indexer is not None else None
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    logits_out: list[Tensor] | None = [] if return_logits else None
+
+    # ---- prefill: all rows are known up front, so chunk c+1's rows are prefetched during c
+    t0 = time.perf_counter()
+    chunk = P if prefill_chunk is None else prefill_chunk
+    bounds = [(s, min(s + chunk, P)) for s in range(0, P, chunk)]
+    rows_all = None if rowstream is None else rowstream(raw, first)  # (L, B, P, H)
+    idx_all = torch.from_numpy(raw).to(device)
+    mask_all = torch.from_numpy(live).to(device)
+    last = None
+    for c, (s, e) in enumerate(bounds):
+        if c == 0:
+            _prefetch(model, None if rows_all is None else rows_all[:, :, s:e], mask_all[:, s:e])
+        if c + 1 < len(bounds) and rows_all is not None:
+            s2, e2 = bounds[c + 1]
+            _prefetch(model, rows_all[:, :, s2:e2], mask_all[:, s2:e2])
+        out = model(
+            idx_all[:, s:e],
+            None if rows_all is None else rows_all[:, :, s:e],
+            mask=mask_all[:, s:e],
+            cache=cache,
+            return_logits=True,
+        )
+        last = out.logits[:, -1]  # (B, V)
+    prefill_s = time.perf_counter() - t0
+    assert last is not None
+
+    # ---- decode: one token per sequence per step
+    new: list[list[int]] = [[] for _ in range(B)]
+    done = np.zeros(B, dtype=bool)
+    t1 = time.perf_counter()
+    steps = 0
+    for step in range(max_new_tokens):
+        if logits_out is not None:
+            logits_out.append(last.detach().clone())
+        nxt = sample_next(last, temperature, top_k, gen)  # (B,)
+        ids = nxt.cpu().numpy()
+        for b in range(B):
+            if not done[b]:
+                new[b].append(int(ids[b]))
+                done[b] = eos_id is not None and int(ids[b]) == eos_id
+        if done.all() or step == max_new_tokens - 1:
+            break
+        raw_step = ids.reshape(B, 1).astype(np.int64)
+        rows = None if rowstream is None else rowstream(raw_step)  # (L, B, 1, H)
+        _prefetch(model, rows, None)
+        out = model(torch.from_numpy(raw_step).to(device), rows, cache=cache, return_logits=True)
+        last = out.logits[:, -1]
+        steps += 1
+    decode_s = time.perf_counter() - t1
+    return GenerationResult(
+        prompts=prompts_,
+        tokens=new,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        steps=steps,
+        logits=logits_out,
+    )
