@@ -48,7 +48,7 @@ def _prompts(parts: RunParts) -> list[list[int]]:
         tok.encode("In the beginning God created the heaven").ids,
         tok.encode("And").ids,
         # a separator inside the prompt: the n-gram window restarts after it, as in training
-        tok.encode("the host of them.").ids + [EOT_ID] + tok.encode("Thus the heavens").ids,
+        [*tok.encode("the host of them.").ids, EOT_ID, *tok.encode("Thus the heavens").ids],
     ]
 
 
