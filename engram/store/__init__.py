@@ -1,10 +1,42 @@
 """Row stores: where Engram table rows live, behind one small interface (`RowStore`).
 
 The Engram layer only calls `store.gather(global_rows)`; which tier served a row (RAM, mmap file,
-cache, prefetch, another rank) is the store's business.
+cache, prefetch, another rank) is the store's business. Tables persist as `.engt` table files
+(`tablefile`), which `MmapRowStore` serves zero-copy and `export_tables` writes from a checkpoint.
 """
 
 from engram.store.base import RowOutOfRangeError, RowStore, check_row_ids
+from engram.store.export import describe_table, export_tables, read_tables, table_file_name
 from engram.store.memory import MemoryRowStore
+from engram.store.mmap import MmapRowStore, create_table_file
+from engram.store.tablefile import (
+    TableFileError,
+    TableHeader,
+    dequantize_int8,
+    quantize_int8,
+    read_header,
+    read_table,
+    verify_table,
+    write_table,
+)
 
-__all__ = ["MemoryRowStore", "RowOutOfRangeError", "RowStore", "check_row_ids"]
+__all__ = [
+    "MemoryRowStore",
+    "MmapRowStore",
+    "RowOutOfRangeError",
+    "RowStore",
+    "TableFileError",
+    "TableHeader",
+    "check_row_ids",
+    "create_table_file",
+    "dequantize_int8",
+    "describe_table",
+    "export_tables",
+    "quantize_int8",
+    "read_header",
+    "read_table",
+    "read_tables",
+    "table_file_name",
+    "verify_table",
+    "write_table",
+]

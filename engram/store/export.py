@@ -1,0 +1,193 @@
+"""Checkpoint <-> table files: export a trained model's Engram tables to `.engt` files.
+
+Design choices:
+- One file per Engram layer (`table_L{layer_id}.engt` in a directory, or a single `.engt` path for a
+  one-layer model), because a store serves one layer's flat table and layers may live on
+  different tiers or machines.
+- The checkpoint is validated first (`read_checkpoint`: format version and sha256 of its files),
+  and only the table tensors are read from its safetensors file, by row slices
+  (`safe_open(...).get_slice`), so exporting a table larger than RAM never loads it whole.
+- The file carries the checkpoint's hash-configuration fingerprint, so a store opened with the
+  model's own fingerprint refuses a table trained under another hashing. Its metadata records where
+  it came from (checkpoint path, step, run name, tensor name and dtype, the Engram config) and the
+  layer's prime sub-table sizes, which depend only on the Engram config (not on the tokenizer),
+  and are checked to add up to the tensor's rows.
+- fp32 export is bit-exact: `read_tables` of an fp32 export equals the checkpoint tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from engram.checkpoint import MODEL_FILE, CheckpointError, read_checkpoint
+from engram.hashing import NgramHasher
+from engram.store.mmap import MmapRowStore
+from engram.store.tablefile import (
+    SUFFIX,
+    TableHeader,
+    read_header,
+    read_table,
+    verify_table,
+    write_table,
+)
+
+TABLE_KEY = "blocks.{layer_id}.engram.store.weight"
+
+
+def table_file_name(layer_id: int) -> str:
+    """The file name `export_tables` gives layer `layer_id`'s table in a directory."""
+    return f"table_L{layer_id}{SUFFIX}"
+
+
+def _sub_table_sizes(engram_cfg: Mapping[str, Any]) -> dict[int, list[int]]:
+    """Prime sub-table sizes per layer from the config (independent of the tokenizer)."""
+    hasher = NgramHasher(
+        compressed_vocab_size=1,  # bounds the multipliers only; the primes do not depend on it
+        engram_vocab_size=list(engram_cfg["engram_vocab_size"]),
+        max_ngram_size=int(engram_cfg["max_ngram_size"]),
+        n_head_per_ngram=int(engram_cfg["n_head_per_ngram"]),
+        layer_ids=[int(i) for i in engram_cfg["layer_ids"]],
+        pad_id=0,
+        seed=int(engram_cfg.get("seed", 0)),
+    )
+    return {i: hasher.flat_table_sizes(i) for i in hasher.layer_ids}
+
+
+def export_tables(
+    ckpt_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    dtype: str = "float32",
+    verify: bool = True,
+    chunk_rows: int = 65536,
+) -> dict[int, Path]:
+    """Write each Engram layer's table of a checkpoint to a table file; {layer_id: path}.
+
+    `ckpt_path` is a run directory, its checkpoints directory or one checkpoint. `out` is a
+    directory (files `table_L{layer_id}.engt`), or, for a one-layer model, a path ending in
+    `.engt`. `verify` checks the checkpoint files' sha256 before reading them.
+    """
+    ckpt = read_checkpoint(ckpt_path, verify=verify)
+    engram_cfg = ckpt.config.get("engram")
+    if not engram_cfg:
+        raise CheckpointError(f"checkpoint {ckpt.path} has no Engram layers (a baseline run)")
+    fingerprint = ckpt.state.get("hash_fingerprint")
+    if not fingerprint:
+        raise CheckpointError(f"checkpoint {ckpt.path} records no hash_fingerprint")
+    layer_ids = [int(i) for i in engram_cfg["layer_ids"]]
+    sizes = _sub_table_sizes(engram_cfg)
+
+    out = Path(out)
+    if out.suffix == SUFFIX:
+        if len(layer_ids) != 1:
+            raise ValueError(
+                f"{out} names one file, but checkpoint {ckpt.path} has {len(layer_ids)} Engram "
+                f"layers {layer_ids}; give a directory"
+            )
+        targets = {layer_ids[0]: out}
+    else:
+        targets = {lid: out / table_file_name(lid) for lid in layer_ids}
+
+    model_file = ckpt.path / MODEL_FILE
+    written: dict[int, Path] = {}
+    with safe_open(str(model_file), framework="pt") as f:
+        keys = set(f.keys())
+        for lid, target in targets.items():
+            key = TABLE_KEY.format(layer_id=lid)
+            if key not in keys:
+                near = sorted(k for k in keys if ".engram.store" in k)
+                raise CheckpointError(
+                    f"{model_file} has no table {key!r} for Engram layer {lid}; "
+                    f"table tensors found: {near}"
+                )
+            sl = f.get_slice(key)
+            shape = [int(s) for s in sl.get_shape()]
+            if len(shape) != 2:
+                raise CheckpointError(f"{model_file}: {key} has shape {shape}, expected 2-D")
+            num_rows, dim = shape
+            if sum(sizes[lid]) != num_rows:
+                raise CheckpointError(
+                    f"{model_file}: {key} has {num_rows} rows, but the Engram config's sub-tables "
+                    f"add up to {sum(sizes[lid])}"
+                )
+            meta = {
+                "source_checkpoint": str(ckpt.path.resolve()),
+                "step": ckpt.step,
+                "run_name": ckpt.config.get("name"),
+                "tensor": key,
+                "source_dtype": str(sl.get_dtype()),
+                "sub_table_sizes": sizes[lid],
+                "engram_config": dict(engram_cfg),
+                "compressor_fingerprint": ckpt.state.get("compressor_fingerprint"),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            write_table(
+                target,
+                lambda a, b, sl=sl: sl[a:b],
+                dtype=dtype,
+                fingerprint=fingerprint,
+                layer_id=lid,
+                meta=meta,
+                num_rows=num_rows,
+                dim=dim,
+                chunk_rows=chunk_rows,
+            )
+            written[lid] = target
+    return written
+
+
+def read_tables(
+    paths: Mapping[int, str | os.PathLike[str]] | Iterable[str | os.PathLike[str]],
+    *,
+    dtype: torch.dtype = torch.float32,
+    verify: bool = True,
+    expected_fingerprint: str | None = None,
+) -> dict[int, Tensor]:
+    """Whole tables, dequantised to `dtype`, keyed by the layer id each file's header records."""
+    files = paths.values() if isinstance(paths, Mapping) else paths
+    out: dict[int, Tensor] = {}
+    for p in files:
+        lid = read_header(p, expected_fingerprint=expected_fingerprint).layer_id
+        if lid in out:
+            raise ValueError(f"two table files hold Engram layer {lid} (the second is {p})")
+        out[lid] = read_table(
+            p, dtype=dtype, verify=verify, expected_fingerprint=expected_fingerprint
+        )
+    return out
+
+
+def describe_table(
+    path: str | os.PathLike[str], *, verify: bool = True, sample_rows: int = 4096
+) -> dict[str, Any]:
+    """A JSON-able summary of a table file (for `engram table inspect`).
+
+    Header fields, size on disk, bytes per row, whether the data crc was verified, and row-norm
+    statistics over up to `sample_rows` evenly spaced rows (dequantised to float32).
+    """
+    path = Path(path)
+    h: TableHeader = verify_table(path) if verify else read_header(path, allow_dirty=True)
+    info: dict[str, Any] = {"path": str(path), **h.to_dict()}
+    info["size_on_disk"] = path.stat().st_size
+    info["verified"] = bool(verify)
+    n = min(int(sample_rows), h.num_rows)
+    if n > 0:
+        with MmapRowStore(path, allow_dirty=not verify) as store:
+            idx = torch.linspace(0, h.num_rows - 1, n).round().long().unique()  # (n,)
+            norms = store.gather(idx).norm(dim=-1)  # (n,)
+        info["row_norm"] = {
+            "sampled_rows": int(idx.numel()),
+            "mean": float(norms.mean()),
+            "std": float(norms.std()) if norms.numel() > 1 else 0.0,
+            "min": float(norms.min()),
+            "max": float(norms.max()),
+            "zero_rows": int((norms == 0).sum()),
+        }
+    return info

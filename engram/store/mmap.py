@@ -1,0 +1,336 @@
+"""A row store backed by a memory-mapped Engram table file (`engram.store.tablefile`).
+
+Design choices:
+- Zero copy: the file is mapped with Python's `mmap` and its (page-aligned) data region is viewed
+  as a (num_rows, dim) tensor with `torch.frombuffer`; int8 files also view their (num_rows,)
+  float32 scales. `gather` is one `index_select` on that view, so with the pages in the page cache
+  it costs what `index_select` on an in-RAM tensor does, and a table larger than RAM works: the
+  kernel pages rows in on first touch and evicts them under pressure.
+- `gather` returns `out_dtype` (float32 by default): bfloat16/float16 rows are cast after the
+  select; int8 rows are dequantised as q.float() * scale[rows] (error <= scale / 2 per element).
+  Only the selected rows are converted, never the whole table. Results are CPU tensors.
+- Read-only by default: the map is PROT_READ, so concurrent gathers need no lock (nothing is
+  mutated). The read-only map is exposed to torch as a read-only buffer; the store never hands the
+  raw view out, and every gather returns a fresh tensor.
+- Writable mode (float32 files only) is for optimizers that keep their table on disk: it sets the
+  header's DIRTY flag (fsynced) before mapping, applies `apply_row_update` (duplicates accumulate,
+  `index_add_`) and `write_rows` (set rows, `index_copy_`) straight into the shared map, and
+  `seal()` flushes, recomputes the data crc and rewrites the header with DIRTY cleared. A crash
+  between open and seal leaves the flag set, and read-only opens refuse the file ("not sealed")
+  unless `allow_dirty=True` -- e.g. to inspect it, or to reopen it writable and reseal it. Writes
+  are serialised by a lock; they are not synchronised with concurrent gathers (a gather racing a
+  write to the same row may see either version, never a torn file).
+- No autograd: `trainable_parameters()` is empty; training goes through `apply_row_update`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import threading
+import warnings
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from engram.store.base import check_row_ids
+from engram.store.tablefile import (
+    FLAG_DIRTY,
+    TableFileError,
+    TableHeader,
+    _check_host,
+    pack_header,
+    read_header,
+    verify_table,
+    write_table,
+)
+
+_CRC_CHUNK = 16 << 20
+
+
+class MmapRowStore:
+    """A (num_rows, dim) table read through a memory map of a `.engt` file."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        expected_fingerprint: str | None = None,
+        writable: bool = False,
+        verify: bool = False,
+        out_dtype: torch.dtype = torch.float32,
+        check_bounds: bool = True,
+        allow_dirty: bool = False,
+    ) -> None:
+        _check_host()
+        self._path = Path(path)
+        self._writable = bool(writable)
+        self.check_bounds = bool(check_bounds)
+        if not out_dtype.is_floating_point:
+            raise ValueError(f"out_dtype must be a floating dtype, got {out_dtype}")
+        self._out_dtype = out_dtype
+        self._lock = threading.Lock()
+        self._closed = True
+        if verify:
+            h = verify_table(
+                self._path, expected_fingerprint=expected_fingerprint, allow_dirty=allow_dirty
+            )
+        else:
+            h = read_header(
+                self._path, expected_fingerprint=expected_fingerprint, allow_dirty=allow_dirty
+            )
+        if self._writable and h.dtype != "float32":
+            raise TableFileError(
+                f"table file {self._path} stores {h.dtype} rows; only float32 tables can be "
+                "opened writable (row updates on rounded/quantised rows would drift)"
+            )
+        self._file = open(self._path, "r+b" if self._writable else "rb")  # noqa: SIM115
+        try:
+            self._header = h
+            self._dirty_on_disk = h.dirty
+            if self._writable:  # mark DIRTY (durably) before the first byte can change
+                self._mark_dirty()
+            access = mmap.ACCESS_WRITE if self._writable else mmap.ACCESS_READ
+            self._mm = mmap.mmap(self._file.fileno(), h.file_nbytes, access=access)
+            self._data, self._scale = self._views()
+        except BaseException:
+            self._file.close()
+            raise
+        self._closed = False
+
+    # ------------------------------------------------------------------ setup
+    def _views(self) -> tuple[Tensor, Tensor | None]:
+        h = self._header
+        with warnings.catch_warnings():  # a read-only map is a read-only buffer; we never write it
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            data = torch.frombuffer(
+                self._mm,
+                dtype=h.torch_dtype,
+                count=h.num_rows * h.dim,
+                offset=h.data_offset,
+            ).view(h.num_rows, h.dim)  # (num_rows, dim)
+            scale = None
+            if h.scale_nbytes:
+                scale = torch.frombuffer(
+                    self._mm, dtype=torch.float32, count=h.num_rows, offset=h.scale_offset
+                )  # (num_rows,)
+        return data, scale
+
+    def _write_header(self, h: TableHeader) -> None:
+        """Rewrite the header through the file descriptor and fsync it."""
+        os.pwrite(self._file.fileno(), pack_header(h), 0)
+        os.fsync(self._file.fileno())
+        self._header = h
+        self._dirty_on_disk = h.dirty
+
+    def _mark_dirty(self) -> None:
+        """Set the DIRTY flag on disk (once per seal cycle) before rows change."""
+        if not self._dirty_on_disk:
+            self._write_header(replace(self._header, flags=self._header.flags | FLAG_DIRTY))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_rows(self) -> int:
+        return self._header.num_rows
+
+    @property
+    def dim(self) -> int:
+        return self._header.dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype `gather` returns (`out_dtype`)."""
+        return self._out_dtype
+
+    @property
+    def storage_dtype(self) -> str:
+        """The file's row dtype: "float32", "bfloat16", "float16" or "int8"."""
+        return self._header.dtype
+
+    @property
+    def header(self) -> TableHeader:
+        return self._header
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the file on disk."""
+        return self._header.file_nbytes
+
+    @property
+    def writable(self) -> bool:
+        return self._writable
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise ValueError(f"MmapRowStore.{what}: the store for {self._path} is closed")
+
+    # ------------------------------------------------------------------ reading
+    def gather(self, rows: Tensor) -> Tensor:
+        """Rows at global ids `rows` (integer, shape S) -> S + (dim,) in `out_dtype`, on the CPU."""
+        self._check_open("gather")
+        if self.check_bounds:
+            check_row_ids(rows, self.num_rows, what="MmapRowStore.gather")
+        elif rows.dtype.is_floating_point or rows.dtype == torch.bool:
+            raise TypeError(f"MmapRowStore.gather: row ids must be integer, got {rows.dtype}")
+        flat = rows.reshape(-1).to(device="cpu", dtype=torch.long)  # (R,)
+        out = torch.index_select(self._data, 0, flat)  # (R, dim) storage dtype
+        if self._scale is not None:
+            out = out.float() * self._scale.index_select(0, flat)[:, None]
+        return out.to(self._out_dtype).reshape(*rows.shape, self.dim)  # S + (dim,)
+
+    def __call__(self, rows: Tensor) -> Tensor:
+        return self.gather(rows)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+    # ------------------------------------------------------------------ writing
+    def _check_writable(self, what: str) -> None:
+        self._check_open(what)
+        if not self._writable:
+            raise TableFileError(
+                f"MmapRowStore.{what}: {self._path} is open read-only; open it with "
+                "writable=True to update rows"
+            )
+
+    def _check_update(self, what: str, rows: Tensor, values: Tensor) -> Tensor:
+        self._check_writable(what)
+        if rows.dim() != 1:
+            raise ValueError(f"{what}: rows must be 1-D (R,), got shape {tuple(rows.shape)}")
+        if values.shape != (rows.shape[0], self.dim):
+            raise ValueError(
+                f"{what}: values must have shape (R, dim) = ({rows.shape[0]}, {self.dim}), "
+                f"got {tuple(values.shape)}"
+            )
+        check_row_ids(rows, self.num_rows, what=f"MmapRowStore.{what}")
+        return rows.to(device="cpu", dtype=torch.long)
+
+    def apply_row_update(self, rows: Tensor, delta: Tensor) -> None:
+        """In place, in the file: row[rows[i]] += delta[i]; duplicate ids accumulate."""
+        idx = self._check_update("apply_row_update", rows, delta)
+        with self._lock:
+            self._mark_dirty()
+            self._data.index_add_(0, idx, delta.detach().to("cpu", torch.float32))
+
+    def write_rows(self, rows: Tensor, values: Tensor) -> None:
+        """In place, in the file: row[rows[i]] = values[i]; ids must be distinct."""
+        idx = self._check_update("write_rows", rows, values)
+        if idx.unique().numel() != idx.numel():
+            raise ValueError("write_rows: row ids must be distinct (use apply_row_update to add)")
+        with self._lock:
+            self._mark_dirty()
+            self._data.index_copy_(0, idx, values.detach().to("cpu", torch.float32))
+
+    def flush(self) -> None:
+        """Write dirty pages back to the file (msync)."""
+        self._check_open("flush")
+        if self._writable:
+            with self._lock:
+                self._mm.flush()
+
+    def seal(self) -> TableHeader:
+        """Flush, recompute the data crc and rewrite the header with DIRTY cleared (fsynced).
+
+        The store stays open and writable; the next row write marks the file dirty again.
+        """
+        self._check_writable("seal")
+        with self._lock:
+            self._mm.flush()
+            h = self._header
+            if not self._dirty_on_disk:  # nothing written since the last seal
+                return h
+            crc = 0
+            with memoryview(self._mm) as view:
+                for offset, nbytes in (
+                    (h.data_offset, h.data_nbytes),
+                    (h.scale_offset, h.scale_nbytes),
+                ):
+                    for a in range(offset, offset + nbytes, _CRC_CHUNK):
+                        crc = zlib.crc32(view[a : min(a + _CRC_CHUNK, offset + nbytes)], crc)
+            # Write the sealed header; the next row write sets DIRTY again before changing a byte.
+            self._write_header(replace(h, flags=h.flags & ~FLAG_DIRTY, data_crc=crc))
+        return self._header
+
+    def close(self, *, seal: bool = True) -> None:
+        """Release the map and the file (idempotent); a writable store is sealed unless told not.
+
+        Do not close while other threads are gathering: the map they read would vanish.
+        """
+        if self._closed:
+            return
+        if self._writable and seal:
+            self.seal()
+        with self._lock:
+            self._closed = True
+            if self._writable:
+                self._mm.flush()
+            self._data = self._scale = None  # type: ignore[assignment]  # drop the buffer exports
+            self._mm.close()
+            self._file.close()
+
+    def __del__(self) -> None:
+        # Garbage collection releases the map but never seals: an unsealed writer stays DIRTY,
+        # exactly as if it had crashed.
+        if not getattr(self, "_closed", True):
+            with contextlib.suppress(Exception):  # e.g. at interpreter shutdown
+                self.close(seal=False)
+
+    def __enter__(self) -> MmapRowStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "writable" if self._writable else "read-only"
+        return (
+            f"MmapRowStore({str(self._path)!r}, num_rows={self.num_rows}, dim={self.dim}, "
+            f"storage={self.storage_dtype}, out={self._out_dtype}, {mode})"
+        )
+
+
+def create_table_file(
+    path: str | os.PathLike[str],
+    num_rows: int,
+    dim: int,
+    *,
+    fingerprint: str,
+    layer_id: int,
+    init: Callable[[int, int], Tensor] | None = None,
+    dtype: str = "float32",
+    meta: Mapping[str, Any] | None = None,
+    chunk_rows: int = 65536,
+) -> TableHeader:
+    """A new table file of `num_rows` x `dim` rows from `init(start, stop)` (zeros if None).
+
+    Streams through `write_table`, so the table never has to fit in memory.
+    """
+
+    def zeros(start: int, stop: int) -> Tensor:
+        return torch.zeros(stop - start, dim)
+
+    return write_table(
+        path,
+        init if init is not None else zeros,
+        dtype=dtype,
+        fingerprint=fingerprint,
+        layer_id=layer_id,
+        meta=meta,
+        num_rows=num_rows,
+        dim=dim,
+        chunk_rows=chunk_rows,
+    )
