@@ -4,6 +4,8 @@ Layout of one checkpoint directory (``<run>/checkpoints/step-000300/``)::
 
     model.safetensors      model state (tables included; a tied weight stored once)
     optimizer.safetensors  every optimizer-state tensor, keyed ``<optimizer>/<index>/<name>``
+    tables/                only for tables trained on disk: ``L<id>.{weight,exp_avg,exp_avg_sq}
+                           .engt`` table files (their own checksums), not in model.safetensors
     state.json             format version, step, the run config, hash-configuration fingerprint,
                            optimizer param-group settings, RNG states, sha256 of both files
 
@@ -49,6 +51,7 @@ LATEST = "LATEST"
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
+TABLES_DIR = "tables"
 # A table tensor's key ends with this (`blocks.<i>.engram.store.weight`).
 EXTERNAL_TABLE_SUFFIX = ".engram.store.weight"
 
@@ -174,12 +177,15 @@ def save_checkpoint(
     optimizer_state: Mapping[str, Any] | None,
     state: Mapping[str, Any],
     keep: int = 0,
+    tables: Mapping[int, Any] | None = None,
 ) -> Path:
     """Write checkpoint `step` under `ckpt_root` atomically and point LATEST at it.
 
     `state` is json-able run information (config, fingerprints, metrics...); the step, RNG states,
-    file hashes and format version are added here. `keep` > 0 deletes all but the newest `keep`
-    checkpoints afterwards. Returns the checkpoint directory.
+    file hashes and format version are added here. `tables` ({layer_id: DiskTrainedStore}) are
+    tables trained on disk: each copies its files into the checkpoint's `tables/` before the
+    checkpoint is renamed into place. `keep` > 0 deletes all but the newest `keep` checkpoints
+    afterwards. Returns the checkpoint directory.
     """
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -195,6 +201,8 @@ def save_checkpoint(
             save_file(tensors, str(tmp / OPTIM_FILE))
             files.append(OPTIM_FILE)
         full = dict(state)
+        if tables:
+            full["tables"] = {str(lid): t.save(tmp / TABLES_DIR) for lid, t in tables.items()}
         full.update(
             format_version=FORMAT_VERSION,
             step=int(step),
@@ -248,6 +256,14 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     )
 
 
+def remove_stale_temporaries(ckpt_root: str | os.PathLike[str]) -> list[Path]:
+    """Delete half-written checkpoint directories a killed writer left behind; returns them."""
+    stale = [p for p in Path(ckpt_root).glob(".step-*") if p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
 def find_latest(ckpt_root: str | os.PathLike[str]) -> Path | None:
     """The checkpoint LATEST points at under `ckpt_root`, or None if there is none yet."""
     root = Path(ckpt_root)
@@ -269,6 +285,14 @@ def read_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Checkp
             f"{ckpt} has checkpoint format version {version!r}; this engram reads {FORMAT_VERSION}"
         )
     if verify:
+        from engram.store.tablefile import TableFileError, verify_table
+
+        for record in state.get("tables", {}).values():
+            for name in record["files"].values():
+                try:
+                    verify_table(ckpt / TABLES_DIR / name)
+                except (OSError, TableFileError) as e:
+                    raise CheckpointError(f"checkpoint table file is damaged: {e}") from e
         for name, digest in state.get("sha256", {}).items():
             f = ckpt / name
             if not f.is_file():

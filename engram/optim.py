@@ -15,6 +15,9 @@ Design choices:
   parameter left out would silently never train, one counted twice would be stepped twice.
 - The schedule is a pure function of the step (linear warmup, cosine decay to a floor), so a
   resumed run recomputes exactly the learning rate an uninterrupted run would have used.
+- Tables trained on disk (`engram.store.trainable.DiskTrainedStore`, `train.table_store="mmap"`)
+  have no parameter: they collect their row gradients themselves and apply the same SparseAdam
+  update in `adam_step`, at the table learning rate, when this object steps.
 - Gradient clipping covers the dense parameters only. Table rows are each normalised by Adam's
   per-row second moment; folding their (batch-dependent) sparse norm into the global norm would
   let the number of rows a batch happens to touch change the size of every dense step.
@@ -23,9 +26,9 @@ Design choices:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -73,6 +76,14 @@ def _unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
     return out
 
 
+class DiskTable(Protocol):
+    """A table that applies its own row-wise Adam update (see `engram.store.trainable`)."""
+
+    def adam_step(self, lr: float, betas: tuple[float, float], eps: float) -> int: ...
+
+    def zero_grad(self) -> None: ...
+
+
 class EngramOptimizer:
     """AdamW on dense parameters and SparseAdam on tables, stepped and scheduled together."""
 
@@ -81,10 +92,13 @@ class EngramOptimizer:
         dense: torch.optim.AdamW,
         table: torch.optim.SparseAdam | None,
         cfg: OptimConfig,
+        disk_tables: Sequence[DiskTable] = (),
     ) -> None:
         self.dense = dense
         self.table = table
         self.cfg = cfg
+        self.disk_tables = list(disk_tables)
+        self.table_lr = cfg.lr * cfg.table_lr_mult
 
     @property
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -100,9 +114,10 @@ class EngramOptimizer:
         """Set every group to its base rate times `multiplier` (the schedule's factor)."""
         for group in self.dense.param_groups:
             group["lr"] = self.cfg.lr * multiplier
+        self.table_lr = self.cfg.lr * self.cfg.table_lr_mult * multiplier
         if self.table is not None:
             for group in self.table.param_groups:
-                group["lr"] = self.cfg.lr * self.cfg.table_lr_mult * multiplier
+                group["lr"] = self.table_lr
 
     def clip_grad_norm(self) -> float:
         """Clip dense gradients to `grad_clip` (if > 0); returns their norm before clipping."""
@@ -116,11 +131,16 @@ class EngramOptimizer:
         self.dense.step()
         if self.table is not None:
             self.table.step()
+        betas = (self.cfg.beta1, self.cfg.beta2)
+        for t in self.disk_tables:
+            t.adam_step(self.table_lr, betas, self.cfg.eps)
 
     def zero_grad(self) -> None:
         self.dense.zero_grad(set_to_none=True)
         if self.table is not None:
             self.table.zero_grad(set_to_none=True)
+        for t in self.disk_tables:
+            t.zero_grad()
 
     def state_dict(self) -> dict[str, Any]:
         return {name: opt.state_dict() for name, opt in self.optimizers.items()}
@@ -182,4 +202,8 @@ def build_optimizer(
         if tables
         else None
     )
-    return EngramOptimizer(dense_opt, table_opt, cfg)
+    layers = getattr(model, "engram_layers", None)
+    disk = [] if not callable(layers) else [
+        e.store for e in layers().values() if hasattr(e.store, "adam_step")
+    ]  # fmt: skip
+    return EngramOptimizer(dense_opt, table_opt, cfg, disk)

@@ -36,6 +36,9 @@ class ConfigError(ValueError):
     """A config file or override that does not describe a valid run."""
 
 
+TABLE_STORES = ("ram", "mmap")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The training loop's own settings."""
@@ -68,11 +71,18 @@ class TrainConfig:
     prefetch: int = 2
     # Where the model trains: "cpu" (bit-reproducible, the default), "cuda", "cuda:1", ...
     device: str = "cpu"
+    # Where Engram tables live while training: "ram" (a parameter + SparseAdam) or "mmap" (rows
+    # and Adam moments in files under <run>/tables/, for tables larger than RAM; same updates).
+    table_store: str = "ram"
 
     def __post_init__(self) -> None:
         for name in ("steps", "grad_accum", "prefetch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.table_store not in TABLE_STORES:
+            raise ValueError(
+                f"train.table_store must be one of {list(TABLE_STORES)}, got {self.table_store!r}"
+            )
         for name in ("eval_every", "ckpt_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")

@@ -28,7 +28,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +38,14 @@ from tqdm.auto import tqdm
 
 from engram.atomic import atomic_write_text
 from engram.checkpoint import (
+    TABLES_DIR,
     Checkpoint,
     check_fingerprint,
     find_latest,
     load_model_weights,
     load_optimizer_state,
     read_checkpoint,
+    remove_stale_temporaries,
     save_checkpoint,
     set_rng_state,
 )
@@ -54,10 +56,16 @@ from engram.model import EngramLM, ParamCounts
 from engram.optim import build_optimizer, lr_multiplier
 from engram.run_config import ConfigError, RunConfig
 from engram.store.base import RowStore
+from engram.store.mmap import MmapRowStore
+from engram.store.trainable import DiskTrainedStore
 from engram.tokenizer import EOT_ID, load_builtin_tokenizer
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
+
+
+# Stores for `build_run`: {layer_id: RowStore}, or a function of the indexer returning that.
+StoreSpec = Mapping[int, RowStore] | Callable[[NgramIndexer], Mapping[int, RowStore]]
 
 
 @dataclass
@@ -100,11 +108,13 @@ def build_run(
     cfg: RunConfig,
     tokenizer: Any | None = None,
     cache_dir: Any = None,
-    stores: Mapping[int, RowStore] | None = None,
+    stores: StoreSpec | None = None,
 ) -> RunParts:
     """Tokenizer, compressor, indexer and a freshly initialised model for `cfg` (seeded).
 
     `stores` serve the given Engram layers' rows (see `EngramLM`); their tables are not built.
+    It is `{layer_id: RowStore}` or a function of the run's indexer returning one (stores that
+    need the table sizes or the hash fingerprint).
     """
     tokenizer = tokenizer if tokenizer is not None else load_builtin_tokenizer()
     kwargs = {} if cache_dir is None else {"cache_dir": cache_dir}
@@ -119,6 +129,8 @@ def build_run(
     if cfg.engram is not None:
         indexer = NgramIndexer(cfg.engram, compressor, tokenizer, sep_id=EOT_ID)
         table_sizes = {lid: indexer.hasher.flat_table_sizes(lid) for lid in cfg.engram.layer_ids}
+        if callable(stores):
+            stores = stores(indexer)
     torch.manual_seed(cfg.train.seed)
     model = EngramLM(
         cfg.model,
@@ -191,6 +203,51 @@ def _same_run(a: RunConfig, b: RunConfig) -> bool:
     return da == db
 
 
+def checkpoint_table_stores(ckpt: Checkpoint) -> dict[int, RowStore]:
+    """Read-only stores over the table files of a checkpoint whose tables were trained on disk."""
+    fp = ckpt.state.get("hash_fingerprint")
+    return {
+        int(lid): MmapRowStore(
+            ckpt.path / TABLES_DIR / rec["files"]["weight"],
+            expected_fingerprint=fp,
+            check_bounds=False,
+        )
+        for lid, rec in ckpt.state.get("tables", {}).items()
+    }
+
+
+def _disk_tables(
+    cfg: RunConfig, out: Path, latest: Path | None
+) -> Callable[[NgramIndexer], dict[int, DiskTrainedStore]]:
+    """Stores for `train.table_store="mmap"`: fresh files, or copies of the checkpoint's."""
+    assert cfg.engram is not None
+    engram_cfg = cfg.engram
+    work = out / TABLES_DIR
+
+    def make(indexer: NgramIndexer) -> dict[int, DiskTrainedStore]:
+        fp = indexer.hasher.fingerprint()
+        saved = None if latest is None else read_checkpoint(latest, verify=False)
+        stores = {}
+        for lid in engram_cfg.layer_ids:
+            if saved is not None:
+                rec = saved.state.get("tables", {}).get(str(lid))
+                if rec is None:
+                    raise ConfigError(f"checkpoint {saved.path} has no table files for layer {lid}")
+                stores[lid] = DiskTrainedStore.restore(
+                    work, lid, saved.path / TABLES_DIR, rec["step"], expected_fingerprint=fp
+                )
+            else:
+                sizes = indexer.hasher.flat_table_sizes(lid)
+                stores[lid] = DiskTrainedStore.create(
+                    work, lid, sum(sizes), engram_cfg.head_dim, fingerprint=fp,
+                    std=cfg.train.table_std, seed=engram_cfg.seed + lid,
+                    meta={"sub_table_sizes": sizes, "run": cfg.name},
+                )  # fmt: skip
+        return stores
+
+    return make
+
+
 def load_trained(
     ckpt_path: str | os.PathLike[str],
     tokenizer: Any | None = None,
@@ -199,13 +256,17 @@ def load_trained(
     """A trained model (and its tokenizer/indexer) from a run or checkpoint directory.
 
     With `stores` ({layer_id: RowStore}, e.g. table files exported from this checkpoint), those
-    layers read their rows from the stores and the checkpoint's tables are not loaded.
+    layers read their rows from the stores and the checkpoint's tables are not loaded. Tables a
+    run trained on disk (`train.table_store="mmap"`) are served read-only from the checkpoint's
+    own table files unless `stores` says otherwise.
     """
     ckpt = read_checkpoint(ckpt_path)
     try:
         cfg = RunConfig.from_dict(ckpt.config)
     except ConfigError as e:
         raise ConfigError(f"checkpoint {ckpt.path} holds an invalid config: {e}") from e
+    if stores is None and ckpt.state.get("tables"):
+        stores = checkpoint_table_stores(ckpt)
     parts = build_run(cfg, tokenizer, stores=stores)
     check_fingerprint(ckpt, parts.hash_fingerprint)
     load_model_weights(ckpt, parts.model)
@@ -242,8 +303,17 @@ def train(
             )
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / CONFIG_FILE)
+    remove_stale_temporaries(ckpt_root)  # a killed writer's half checkpoint is never LATEST
 
-    parts = build_run(cfg)
+    on_disk = cfg.train.table_store == "mmap" and cfg.engram is not None
+    if on_disk and device.type != "cpu":
+        raise ConfigError("train.table_store='mmap' trains on the CPU; use train.device='cpu'")
+    parts = build_run(cfg, stores=_disk_tables(cfg, out, latest) if on_disk else None)
+    disk_tables = {
+        lid: e.store
+        for lid, e in parts.model.engram_layers().items()
+        if isinstance(e.store, DiskTrainedStore)
+    }
     model, indexer = parts.model.to(device), parts.indexer
     if data is None:
         data = prepare_data(cfg.data, parts.tokenizer, EOT_ID)
@@ -350,11 +420,13 @@ def train(
                 if last or (tc.ckpt_every and (step + 1) % tc.ckpt_every == 0):
                     ckpt_path = save_checkpoint(
                         ckpt_root, step + 1, model, opt.state_dict(), state_json(),
-                        keep=tc.keep_checkpoints,
+                        keep=tc.keep_checkpoints, tables=disk_tables,
                     )  # fmt: skip
     finally:
         loader.close()
         bar.close()
+        for t in disk_tables.values():
+            t.close()
 
     if end == tc.steps:
         from engram.plots import plot_loss_curves
