@@ -193,3 +193,10 @@ def test_killed_run_keeps_last_checkpoint_and_resumes(
     assert not list(root.glob(".step-*")), "stale temporaries are cleaned up"
     assert _losses(out) == _losses(runs["mmap"])
     assert torch.equal(_table(out), _table(runs["mmap"]))
+
+
+def test_export_of_a_disk_trained_checkpoint_is_exact(runs, tmp_path: Path) -> None:
+    from engram.store import export_tables, read_tables
+
+    files = export_tables(runs["mmap"], tmp_path / "tables")
+    assert torch.equal(read_tables(files)[1], _table(runs["mmap"]))

@@ -9,6 +9,7 @@ from engram.store.base import RowOutOfRangeError, RowStore, check_row_ids
 from engram.store.export import describe_table, export_tables, read_tables, table_file_name
 from engram.store.memory import MemoryRowStore
 from engram.store.mmap import MmapRowStore, create_table_file
+from engram.store.prefetch import Prefetcher, PrefetchHandle, PrefetchingStore, PrefetchStats
 from engram.store.tablefile import (
     TableFileError,
     TableHeader,
@@ -23,6 +24,10 @@ from engram.store.tablefile import (
 __all__ = [
     "MemoryRowStore",
     "MmapRowStore",
+    "PrefetchHandle",
+    "PrefetchStats",
+    "Prefetcher",
+    "PrefetchingStore",
     "RowOutOfRangeError",
     "RowStore",
     "TableFileError",

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from engram.checkpoint import MODEL_FILE, CheckpointError, read_checkpoint
+from engram.checkpoint import MODEL_FILE, TABLES_DIR, CheckpointError, read_checkpoint
 from engram.hashing import NgramHasher
 from engram.store.mmap import MmapRowStore
 from engram.store.tablefile import (
@@ -97,25 +97,41 @@ def export_tables(
         targets = {lid: out / table_file_name(lid) for lid in layer_ids}
 
     model_file = ckpt.path / MODEL_FILE
+    disk_tables = ckpt.state.get("tables", {})  # tables trained on disk live in table files
     written: dict[int, Path] = {}
     with safe_open(str(model_file), framework="pt") as f:
         keys = set(f.keys())
         for lid, target in targets.items():
             key = TABLE_KEY.format(layer_id=lid)
-            if key not in keys:
+            on_disk = disk_tables.get(str(lid))
+            if on_disk is not None:
+                key = f"{TABLES_DIR}/{on_disk['files']['weight']}"
+                store = MmapRowStore(ckpt.path / key, expected_fingerprint=fingerprint)
+                num_rows, dim, source_dtype = store.num_rows, store.dim, store.storage_dtype
+
+                def source(a: int, b: int, store: MmapRowStore = store) -> Tensor:
+                    return store.gather(torch.arange(a, b))
+
+            elif key not in keys:
                 near = sorted(k for k in keys if ".engram.store" in k)
                 raise CheckpointError(
                     f"{model_file} has no table {key!r} for Engram layer {lid}; "
                     f"table tensors found: {near}"
                 )
-            sl = f.get_slice(key)
-            shape = [int(s) for s in sl.get_shape()]
-            if len(shape) != 2:
-                raise CheckpointError(f"{model_file}: {key} has shape {shape}, expected 2-D")
-            num_rows, dim = shape
+            else:
+                sl = f.get_slice(key)
+                shape = [int(s) for s in sl.get_shape()]
+                if len(shape) != 2:
+                    raise CheckpointError(f"{model_file}: {key} has shape {shape}, expected 2-D")
+                num_rows, dim = shape
+                source_dtype = str(sl.get_dtype())
+
+                def source(a: int, b: int, sl: Any = sl) -> Tensor:
+                    return sl[a:b]
+
             if sum(sizes[lid]) != num_rows:
                 raise CheckpointError(
-                    f"{model_file}: {key} has {num_rows} rows, but the Engram config's sub-tables "
+                    f"{ckpt.path}: {key} has {num_rows} rows, but the Engram config's sub-tables "
                     f"add up to {sum(sizes[lid])}"
                 )
             meta = {
@@ -123,23 +139,27 @@ def export_tables(
                 "step": ckpt.step,
                 "run_name": ckpt.config.get("name"),
                 "tensor": key,
-                "source_dtype": str(sl.get_dtype()),
+                "source_dtype": source_dtype,
                 "sub_table_sizes": sizes[lid],
                 "engram_config": dict(engram_cfg),
                 "compressor_fingerprint": ckpt.state.get("compressor_fingerprint"),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
-            write_table(
-                target,
-                lambda a, b, sl=sl: sl[a:b],
-                dtype=dtype,
-                fingerprint=fingerprint,
-                layer_id=lid,
-                meta=meta,
-                num_rows=num_rows,
-                dim=dim,
-                chunk_rows=chunk_rows,
-            )
+            try:
+                write_table(
+                    target,
+                    source,
+                    dtype=dtype,
+                    fingerprint=fingerprint,
+                    layer_id=lid,
+                    meta=meta,
+                    num_rows=num_rows,
+                    dim=dim,
+                    chunk_rows=chunk_rows,
+                )
+            finally:
+                if on_disk is not None:
+                    store.close()
             written[lid] = target
     return written
 
