@@ -36,6 +36,16 @@ _HOME = {
     "MemoryIndex": "memory",
     "analyze_memory": "memory",
     "NoEngramError": "runs",
+    "access_trace": "access",
+    "row_access_counts": "access",
+    "ZipfFit": "access",
+    "fit_zipf": "access",
+    "hit_rate_curve": "access",
+    "static_hit_rate": "access",
+    "compulsory_bound": "access",
+    "plot_access": "access",
+    "AccessReport": "access",
+    "analyze_access": "access",
 }
 
 __all__ = sorted(_HOME)

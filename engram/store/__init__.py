@@ -6,6 +6,7 @@ cache, prefetch, another rank) is the store's business. Tables persist as `.engt
 """
 
 from engram.store.base import RowOutOfRangeError, RowStore, check_row_ids
+from engram.store.cache import CachedRowStore, CacheStats
 from engram.store.export import describe_table, export_tables, read_tables, table_file_name
 from engram.store.memory import MemoryRowStore
 from engram.store.mmap import MmapRowStore, create_table_file
@@ -22,6 +23,8 @@ from engram.store.tablefile import (
 )
 
 __all__ = [
+    "CacheStats",
+    "CachedRowStore",
     "MemoryRowStore",
     "MmapRowStore",
     "PrefetchHandle",
