@@ -14,6 +14,8 @@ Commands:
 - ``engram plan``: the expert/table allocation that matches an MoE's params and FLOPs.
 - ``engram sweep``: loss against rho at equal params/FLOPs, and against table size.
 - ``engram analyze gates|sensitivity|lens|cka|memory``: what the memory learned, as files.
+- ``engram generate``: continue prompts with a trained model, tables in RAM or on disk.
+- ``engram table export|inspect``: a checkpoint's tables as `.engt` files; a file's header.
 - ``engram info``: the memory configuration's figures; ``engram rows TEXT``: rows per token.
 """
 
@@ -225,6 +227,83 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     else:
         print(format_sweep(result))
         print("wrote " + ", ".join(str(v) for v in result.files.values()))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from engram.generate import generate
+    from engram.serving import TierConfig, load_served
+    from engram.tokenizer import EOT_ID
+
+    if not args.prompt:
+        raise CLIError("give at least one --prompt TEXT")
+    tier = TierConfig(
+        store=args.store, tables=args.tables, dtype=args.table_dtype, cache_rows=args.cache_rows,
+        prefetch=not args.no_prefetch,
+    )  # fmt: skip
+    with load_served(args.ckpt, tier) as served:
+        parts = served.parts
+        prompts = [parts.tokenizer.encode(p).ids for p in args.prompt]
+        res = generate(
+            parts.model, prompts, indexer=parts.indexer, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+            eos_id=None if args.no_stop else EOT_ID,
+        )  # fmt: skip
+        texts = [parts.tokenizer.decode(t) for t in res.tokens]
+        stats = served.stats()
+    report = {
+        "checkpoint": str(served.ckpt.path),
+        "store": tier.store,
+        "outputs": [
+            {"prompt": p, "completion": t} for p, t in zip(args.prompt, texts, strict=True)
+        ],
+        "prefill_s": res.prefill_s,
+        "decode_s": res.decode_s,
+        "decode_tokens_per_s": res.tokens_per_s,
+        "tiers": stats,
+    }
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    for p, t in zip(args.prompt, texts, strict=True):
+        print(f"{p}\033[1m{t}\033[0m" if sys.stdout.isatty() else p + t)
+        print()
+    line = f"[{tier.store}] {res.tokens_per_s:.1f} tokens/s decoding, prefill {res.prefill_s:.2f} s"
+    for lid, rec in stats.items():
+        if "cache" in rec:
+            line += f"; layer {lid} cache hit rate {rec['cache']['hit_rate']:.1%}"
+    print(line, file=sys.stderr)
+
+
+def cmd_table(args: argparse.Namespace) -> None:
+    from engram.store.export import describe_table, export_tables
+
+    if args.table_command == "export":
+        files = export_tables(args.ckpt, args.out, dtype=args.dtype)
+        for lid, f in files.items():
+            info = describe_table(f, verify=False, sample_rows=0)
+            print(
+                f"layer {lid}: {f} ({info['num_rows']:,} rows x {info['dim']}, {args.dtype}, "
+                f"{info['size_on_disk'] / 2**20:.1f} MiB)"
+            )
+        return
+    info = describe_table(args.file, verify=not args.no_verify)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return
+    for key in ("path", "version", "dtype", "num_rows", "dim", "layer_id", "fingerprint",
+                "size_on_disk", "bytes_per_row", "dirty", "verified"):  # fmt: skip
+        if key in info:
+            print(f"{key:>17}: {info[key]}")
+    if "row_norm" in info:
+        rn = info["row_norm"]
+        print(
+            f"{'row norms':>17}: mean {rn['mean']:.4f}, std {rn['std']:.4f}, "
+            f"min {rn['min']:.4f}, max {rn['max']:.4f} over {rn['sampled_rows']} sampled rows"
+        )
+    meta = info.get("meta") or {}
+    for key in ("run_name", "step", "source_checkpoint", "sub_table_sizes"):
+        if key in meta:
+            print(f"{key:>17}: {meta[key]}")
 
 
 def _parse_row(text: str) -> tuple[int, int, int]:
@@ -481,6 +560,42 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a row to explain, local to its sub-table (repeatable)")  # fmt: skip
     me.add_argument("--data", help="corpus to count n-grams on (default: the run's own)")
 
+    gn = sub.add_parser("generate", help="continue prompts with a trained model")
+    gn.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
+    gn.add_argument("--prompt", action="append", help="prompt text (repeatable: one batch)")
+    gn.add_argument("--max-new-tokens", type=int, default=48, help="tokens to add (default 48)")
+    gn.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    gn.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest (40)")
+    gn.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gn.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
+    gn.add_argument("--store", choices=["ram", "mmap"], default="ram",
+                    help="tables in RAM, or memory-mapped table files (default ram)")  # fmt: skip
+    gn.add_argument("--tables", help="directory of exported table files (mmap; default: "
+                    "the checkpoint's own, or exported on first use)")  # fmt: skip
+    gn.add_argument("--table-dtype", default="float32",
+                    choices=["float32", "bfloat16", "float16", "int8"],
+                    help="row format when exporting on first use (mmap)")  # fmt: skip
+    gn.add_argument("--cache-rows", type=int, default=0,
+                    help="hot-row cache size per Engram layer (mmap; default 0 = none)")  # fmt: skip
+    gn.add_argument("--no-prefetch", action="store_true", help="no background row prefetch")
+    gn.add_argument("--json", action="store_true", help="print the outputs and stats as JSON")
+    gn.set_defaults(func=cmd_generate)
+
+    tb = sub.add_parser("table", help="export a checkpoint's tables to files; inspect a file")
+    tsub = tb.add_subparsers(dest="table_command", required=True)
+    tx = tsub.add_parser("export", help="write each Engram layer's table to an .engt file")
+    tx.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
+    tx.add_argument("--out", required=True, help="directory (or one .engt file for one layer)")
+    tx.add_argument("--dtype", default="float32",
+                    choices=["float32", "bfloat16", "float16", "int8"],
+                    help="row format: float32 is exact; int8 has a per-row scale (4x smaller)")  # fmt: skip
+    tx.set_defaults(func=cmd_table)
+    ti = tsub.add_parser("inspect", help="header, checksum and row statistics of an .engt file")
+    ti.add_argument("file", help="the table file")
+    ti.add_argument("--no-verify", action="store_true", help="skip the data checksum")
+    ti.add_argument("--json", action="store_true", help="print one JSON object")
+    ti.set_defaults(func=cmd_table)
+
     i = sub.add_parser("info", help="print the memory's figures for a configuration")
     common(i)
     i.set_defaults(func=cmd_info)
@@ -495,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("steps", "batches"):
+    for name in ("steps", "batches", "max_new_tokens"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             print(f"engram: error: --{name} must be >= 1, got {value}", file=sys.stderr)

@@ -1,0 +1,188 @@
+"""Serve a trained model with its tables on a chosen tier: RAM, or a table file on disk.
+
+The tier stack for `store="mmap"`, per Engram layer, innermost first:
+
+    MmapRowStore (the .engt file; the OS page cache decides what stays in RAM)
+      -> CachedRowStore (optional: the hottest `cache_rows` rows, TinyLFU, with hit statistics)
+        -> PrefetchingStore (optional: rows requested ahead by `generate` are fetched on a
+           background thread while the blocks below the layer compute)
+
+Design choices:
+- The model never knows: `load_trained(..., stores=...)` builds it with these stores in its
+  Engram layers, so the checkpoint's tables are never loaded into memory (a table larger than RAM
+  is fine) and generation, evaluation and analysis run unchanged.
+- Table files come from, in order: `tables` (a directory of `table_L<id>.engt` files the user
+  exported), the checkpoint's own files when its tables were trained on disk (float32 only), or
+  an export made on first use into `<run>/tables/<checkpoint>-<dtype>/` (atomic, reused later).
+  Every file is opened with the checkpoint's hash fingerprint, so a table exported from another
+  configuration is refused.
+- One `Prefetcher` thread serves all layers; `ServedModel.close()` (or `with`) shuts it down and
+  closes the files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engram.checkpoint import TABLES_DIR, Checkpoint, read_checkpoint
+from engram.store.base import RowStore
+from engram.store.cache import CachedRowStore
+from engram.store.export import export_tables, table_file_name
+from engram.store.mmap import MmapRowStore
+from engram.store.prefetch import Prefetcher, PrefetchingStore
+from engram.store.tablefile import DTYPE_CODES
+from engram.train import RunParts, load_trained
+
+STORES = ("ram", "mmap")
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """Where a served model's Engram rows come from."""
+
+    # "ram": tables loaded into memory as parameters; "mmap": read from table files on disk.
+    store: str = "ram"
+    # Directory of exported table files (table_L<id>.engt); None = find or export them.
+    tables: str | None = None
+    # Row format of tables exported on first use: float32, bfloat16, float16 or int8.
+    dtype: str = "float32"
+    # Rows per layer kept in the hot-row cache (0 = no cache; the page cache still works).
+    cache_rows: int = 0
+    # Cache policy: "lfu" (TinyLFU, frequency-aware) or "lru".
+    cache_policy: str = "lfu"
+    # Fetch each step's rows on a background thread ahead of the layer that reads them.
+    prefetch: bool = True
+    # Check each table file's data checksum when opening it (reads the whole file once).
+    verify: bool = False
+
+    def __post_init__(self) -> None:
+        if self.store not in STORES:
+            raise ValueError(f"store must be one of {list(STORES)}, got {self.store!r}")
+        if self.dtype not in DTYPE_CODES:
+            raise ValueError(f"table dtype must be one of {list(DTYPE_CODES)}, got {self.dtype!r}")
+        if self.cache_rows < 0:
+            raise ValueError(f"cache_rows must be >= 0, got {self.cache_rows}")
+        if self.store == "ram" and (self.cache_rows or self.tables):
+            raise ValueError("cache_rows and tables apply to store='mmap' only")
+
+
+@dataclass
+class ServedModel:
+    """A loaded model plus the tier stores that serve its rows; close it when done."""
+
+    parts: RunParts
+    ckpt: Checkpoint
+    tier: TierConfig
+    stores: dict[int, RowStore] = field(default_factory=dict)
+    files: dict[int, Path] = field(default_factory=dict)
+    prefetcher: Prefetcher | None = None
+
+    def stats(self) -> dict[str, Any]:
+        """Per layer: cache and prefetch statistics of its store stack (json-able)."""
+        out: dict[str, Any] = {}
+        for lid, store in self.stores.items():
+            rec: dict[str, Any] = {}
+            s: Any = store
+            while s is not None:
+                if isinstance(s, PrefetchingStore):
+                    rec["prefetch"] = s.stats.as_dict()
+                elif isinstance(s, CachedRowStore):
+                    rec["cache"] = s.stats().to_dict()
+                s = getattr(s, "inner", None)
+            out[str(lid)] = rec
+        return out
+
+    def close(self) -> None:
+        """Stop the prefetch thread and close the table files (idempotent)."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        for store in self.stores.values():
+            s: Any = store
+            while s is not None:
+                if isinstance(s, MmapRowStore):
+                    s.close()
+                s = getattr(s, "inner", None)
+
+    def __enter__(self) -> ServedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def table_files(ckpt: Checkpoint, tier: TierConfig) -> dict[int, Path]:
+    """{layer_id: table file} for a checkpoint, exporting it on first use (see module doc)."""
+    engram_cfg = ckpt.config.get("engram")
+    if not engram_cfg:
+        raise ValueError(f"checkpoint {ckpt.path} has no Engram layers: nothing to serve on disk")
+    layer_ids = [int(i) for i in engram_cfg["layer_ids"]]
+    if tier.tables is not None:
+        files = {lid: Path(tier.tables) / table_file_name(lid) for lid in layer_ids}
+        missing = [str(f) for f in files.values() if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"table files {missing} do not exist; write them with "
+                f"`engram table export --ckpt {ckpt.path} --out {tier.tables}`"
+            )
+        return files
+    disk = ckpt.state.get("tables")
+    if disk and tier.dtype == "float32":
+        return {
+            lid: ckpt.path / TABLES_DIR / disk[str(lid)]["files"]["weight"] for lid in layer_ids
+        }
+    export_dir = ckpt.path.parent.parent / TABLES_DIR / f"{ckpt.path.name}-{tier.dtype}"
+    files = {lid: export_dir / table_file_name(lid) for lid in layer_ids}
+    if not all(f.is_file() for f in files.values()):
+        export_tables(ckpt.path, export_dir, dtype=tier.dtype)
+    return files
+
+
+def load_served(
+    ckpt_path: str | os.PathLike[str], tier: TierConfig | None = None, tokenizer: Any = None
+) -> ServedModel:
+    """Load a run or checkpoint for inference with its rows served from `tier`."""
+    tier = tier or TierConfig()
+    if tier.store == "ram":
+        ckpt = read_checkpoint(ckpt_path)
+        if ckpt.state.get("tables"):  # trained on disk: bring the tables into RAM
+            from engram.store.export import read_tables
+            from engram.store.memory import MemoryRowStore
+
+            files = table_files(ckpt, tier)
+            stores: dict[int, RowStore] = {}
+            for lid, table in read_tables(files).items():
+                s = MemoryRowStore(table.shape[0], table.shape[1], check_bounds=False)
+                s.weight.data.copy_(table)
+                s.weight.requires_grad_(False)
+                stores[lid] = s
+            parts, ckpt = load_trained(ckpt.path, tokenizer, stores=stores)
+            return ServedModel(parts, ckpt, tier, stores, files)
+        parts, ckpt = load_trained(ckpt_path, tokenizer)
+        return ServedModel(parts, ckpt, tier)
+
+    ckpt = read_checkpoint(ckpt_path)
+    files = table_files(ckpt, tier)
+    fingerprint = ckpt.state.get("hash_fingerprint")
+    prefetcher = Prefetcher(max_pending=2 * len(files)) if tier.prefetch else None
+    stores = {}
+    try:
+        for lid, f in files.items():
+            store: RowStore = MmapRowStore(
+                f, expected_fingerprint=fingerprint, verify=tier.verify, check_bounds=False
+            )
+            if tier.cache_rows:
+                store = CachedRowStore(
+                    store, capacity_rows=tier.cache_rows, policy=tier.cache_policy,
+                    check_bounds=False,
+                )  # fmt: skip
+            if prefetcher is not None:
+                store = PrefetchingStore(store, prefetcher)
+            stores[lid] = store
+        parts, ckpt = load_trained(ckpt.path, tokenizer, stores=stores)
+    except BaseException:
+        ServedModel(None, ckpt, tier, stores, files, prefetcher).close()  # type: ignore[arg-type]
+        raise
+    return ServedModel(parts, ckpt, tier, stores, files, prefetcher)
