@@ -74,7 +74,9 @@ def main() -> None:
         ),
     )
     (lid,) = big.engram.layer_ids  # the demo has one Engram layer
-    print(f"machine RAM: {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB")
+    print(
+        f"machine RAM: {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB"
+    )
     print(f"start: {rss()}")
 
     # The indexer (and so the fingerprint and sub-table sizes) without building the big model.

@@ -27,6 +27,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,6 +47,11 @@ def _alternate(cands: dict[str, Callable[[], object]], rounds: int, block: int) 
                 fn()
             times[name].append((time.perf_counter() - t0) / block)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _raw(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """What a store's gather competes with: one index_select on an in-RAM tensor."""
+    return torch.index_select(weight, 0, ids.reshape(-1)).view(*ids.shape, weight.shape[1])
 
 
 def bench_gather(args: argparse.Namespace) -> None:
@@ -72,18 +78,16 @@ def bench_gather(args: argparse.Namespace) -> None:
         cache = CachedRowStore(disk, capacity_rows=N // 8, check_bounds=False)
         for _ in range(3):
             cache.gather(ids)  # let the hot rows settle in
+        stores = {
+            "MemoryRowStore.gather": ram,
+            "MmapRowStore.gather (warm)": disk,
+            "MmapRowStore.gather, bounds-checked": disk_checked,
+            "CachedRowStore(mmap, N/8 rows)": cache,
+        }
         with torch.no_grad():
-            cands = {
-                "raw index_select (RAM tensor)": lambda: torch.index_select(
-                    weight, 0, ids.reshape(-1)
-                ).view(*ids.shape, D),
-                "MemoryRowStore.gather": lambda: ram.gather(ids),
-                "MmapRowStore.gather (warm)": lambda: disk.gather(ids),
-                "MmapRowStore.gather, bounds-checked": lambda: disk_checked.gather(ids),
-                "CachedRowStore(mmap, N/8 rows)": lambda: cache.gather(ids),
-            }
-            block = max(1, 20000 // n)
-            res = _alternate(cands, rounds=args.rounds, block=block)
+            cands = {"raw index_select (RAM tensor)": partial(_raw, weight, ids)}
+            cands.update({name: partial(store.gather, ids) for name, store in stores.items()})
+            res = _alternate(cands, rounds=args.rounds, block=max(1, 20000 // n))
         raw = res["raw index_select (RAM tensor)"]
         for name, t in res.items():
             print(f"{n:>8,} {name:<34} {t * 1e6:>10.1f} {t / raw:>7.2f}x")
