@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--cache-rows", type=int, default=200_000)
+    p.add_argument("--write-only", action="store_true", help="write the table file and stop")
     args = p.parse_args()
     torch.set_num_threads(1)
 
@@ -100,6 +101,8 @@ def main() -> None:
         print(f"  written in {time.perf_counter() - t0:.0f} s")
     size = path.stat().st_size
     print(f"table file: {size / 2**30:.2f} GiB on disk, {num_rows:,} rows")
+    if args.write_only:
+        return
     fd = os.open(path, os.O_RDONLY)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # start with a cold page cache
     os.close(fd)

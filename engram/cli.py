@@ -13,7 +13,8 @@ Commands:
 - ``engram eval``: validation loss and perplexity of a checkpoint.
 - ``engram plan``: the expert/table allocation that matches an MoE's params and FLOPs.
 - ``engram sweep``: loss against rho at equal params/FLOPs, and against table size.
-- ``engram analyze gates|sensitivity|lens|cka|memory``: what the memory learned, as files.
+- ``engram analyze gates|sensitivity|lens|cka|memory|access``: what the memory learned and how
+  it is read, as files.
 - ``engram generate``: continue prompts with a trained model, tables in RAM or on disk.
 - ``engram table export|inspect``: a checkpoint's tables as `.engt` files; a file's header.
 - ``engram info``: the memory configuration's figures; ``engram rows TEXT``: rows per token.
@@ -355,6 +356,15 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         report = analyze_cka(
             args.ckpt[0], args.ckpt[1], out, max_batches=args.batches or 8, data_source=args.data
         )
+    elif what == "access":
+        from engram.analysis.access import analyze_access
+        from engram.analysis.runs import load_engram_run
+
+        parts, _ = load_engram_run(args.ckpt[0], "the access analysis")
+        report = analyze_access(
+            out, indexer=parts.indexer, data_source=args.data or parts.cfg.data.source,
+            max_tokens=args.tokens, layer_id=args.layer,
+        )  # fmt: skip
     else:
         from engram.analysis.memory import analyze_memory
 
@@ -437,12 +447,28 @@ def _sensitivity_text(d: dict) -> list[str]:
     return lines
 
 
+def _access_text(d: dict) -> list[str]:
+    fit = d["zipf"]
+    lines = [
+        f"layer {d['layer_id']}: {d['n_reads']:,} row reads from {d['n_tokens']:,} tokens hit "
+        f"{d['n_distinct']:,} of {d['num_rows']:,} rows",
+        f"Zipf exponent {fit['exponent']:.3f} (R^2 {fit['r2']:.3f}); reads taken by the "
+        + ", ".join(f"{k} of rows: {v:.1%}" for k, v in d["top_share"].items()),
+        "hit rate by cache size (rows):",
+    ]
+    for policy, curve in d["hit_rate"].items():
+        cells = "  ".join(f"{c['rows']:,}:{c['hit_rate']:.1%}" for c in curve)
+        lines.append(f"  {policy:<7} {cells}")
+    return lines
+
+
 _ANALYSIS_TEXT = {
     "gates": _gates_text,
     "sensitivity": _sensitivity_text,
     "lens": _lens_text,
     "cka": _cka_text,
     "memory": _memory_text,
+    "access": _access_text,
 }
 
 
@@ -526,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=cmd_sweep)
 
     an = sub.add_parser(
-        "analyze", help="see what the memory learned: gates, sensitivity, lens, cka, memory",
+        "analyze",
+        help="see what the memory learned: gates, sensitivity, lens, cka, memory, access",
     )  # fmt: skip
     asub = an.add_subparsers(dest="analysis", required=True)
 
@@ -559,6 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--row", action="append", metavar="LAYER:HEAD:ROW",
                     help="a row to explain, local to its sub-table (repeatable)")  # fmt: skip
     me.add_argument("--data", help="corpus to count n-grams on (default: the run's own)")
+    ac = analysis("access", "row-access distribution (Zipf fit) and cache hit rate vs size")
+    ac.add_argument("--data", help="text to read (default: the run's own training split)")
+    ac.add_argument("--tokens", type=int, default=200_000, help="tokens to read (200,000)")
+    ac.add_argument("--layer", type=int, help="Engram layer id (default: the first)")
 
     gn = sub.add_parser("generate", help="continue prompts with a trained model")
     gn.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
@@ -610,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("steps", "batches", "max_new_tokens"):
+    for name in ("steps", "batches", "max_new_tokens", "tokens"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             print(f"engram: error: --{name} must be >= 1, got {value}", file=sys.stderr)

@@ -27,6 +27,7 @@ def _run(argv, capsys):
         (["cka", "--ckpt", "{moe}", "--batches", "1"], ["cka.png", "cka.json"]),
         (["memory", "--ngram", "the children of Israel", "--row", "1:0:3"],
          ["memory.json", "memory.html", "row_norms.png"]),
+        (["access", "--tokens", "4000"], ["access.png", "access.json"]),
     ],
 )  # fmt: skip
 def test_each_analysis_writes_its_files(command, files, tiny_runs, analysis_env, tmp_path, capsys):
