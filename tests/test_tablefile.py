@@ -362,6 +362,22 @@ def test_low_precision_stores_gather_the_dequantised_rows(tmp_path, dtype):
         MmapRowStore(path, writable=True)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_read_range_and_page_advice_change_nothing(tmp_path, dtype):
+    """Sequential `read_range` and the MADV_WILLNEED path give exactly what `gather` does."""
+    x = _table(5000, 12)  # 48-byte rows: some rows straddle a page boundary
+    path = _write(tmp_path / "t.engt", x, dtype)
+    ids = torch.randint(0, 5000, (3, 40), generator=torch.Generator().manual_seed(2))
+    with MmapRowStore(path) as advised, MmapRowStore(path, willneed_max=0) as plain:
+        assert torch.equal(advised.gather(ids), plain.gather(ids))
+        whole = plain.gather(torch.arange(5000))
+        assert torch.equal(advised.read_range(0, 5000), whole)
+        assert torch.equal(advised.read_range(1234, 1301), whole[1234:1301])
+        assert advised.read_range(7, 7).shape == (0, 12)
+        with pytest.raises(ValueError, match=r"row range \[10, 5001\)"):
+            advised.read_range(10, 5001)
+
+
 def test_concurrent_gathers(tmp_path):
     x = _table(1000, 8)
     path = _write(tmp_path / "t.engt", x)

@@ -108,9 +108,7 @@ def export_tables(
                 key = f"{TABLES_DIR}/{on_disk['files']['weight']}"
                 store = MmapRowStore(ckpt.path / key, expected_fingerprint=fingerprint)
                 num_rows, dim, source_dtype = store.num_rows, store.dim, store.storage_dtype
-
-                def source(a: int, b: int, store: MmapRowStore = store) -> Tensor:
-                    return store.gather(torch.arange(a, b))
+                source = store.read_range
 
             elif key not in keys:
                 near = sorted(k for k in keys if ".engram.store" in k)

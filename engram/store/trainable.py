@@ -231,11 +231,8 @@ class DiskTrainedStore:
             store.flush()
             h = store.header
 
-            def rows(start: int, stop: int, store: MmapRowStore = store) -> Tensor:
-                return store.gather(torch.arange(start, stop))
-
             write_table(
-                dest / part_file(self.layer_id, part), rows, fingerprint=h.fingerprint,
+                dest / part_file(self.layer_id, part), store.read_range, fingerprint=h.fingerprint,
                 layer_id=self.layer_id, meta=h.meta, num_rows=h.num_rows, dim=h.dim,
                 chunk_rows=chunk_rows,
             )  # fmt: skip
