@@ -31,11 +31,19 @@ from engram.presets import demo_engram
 from engram.store import CachedRowStore, MmapRowStore, Prefetcher, PrefetchingStore, write_table
 from engram.train import build_run
 
-PROMPTS = [
+PROMPTS = [  # four per round; every round reads new text (and samples with a new seed)
     "And God said, Let there be light",
     "The LORD is my shepherd; I shall not want.",
     "In the beginning was the Word, and the Word was with God,",
     "And the children of Israel went up out of the land of Egypt",
+    "Blessed are the poor in spirit: for theirs is the kingdom",
+    "Now the serpent was more subtil than any beast of the field",
+    "And Moses said unto the people, Fear ye not",
+    "For God so loved the world, that he gave his only begotten Son",
+    "Vanity of vanities, saith the Preacher, vanity of vanities;",
+    "Then answered Peter and said unto him, Behold,",
+    "And it came to pass in those days, that there went out a decree",
+    "By the rivers of Babylon, there we sat down, yea, we wept,",
 ]
 
 
@@ -54,7 +62,7 @@ def main() -> None:
     p.add_argument("--size-gib", type=float, default=32.0)
     p.add_argument("--path", default="/work/bigtable")
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--cache-rows", type=int, default=200_000)
     p.add_argument("--write-only", action="store_true", help="write the table file and stop")
     args = p.parse_args()
@@ -116,28 +124,30 @@ def main() -> None:
     disk.model.eval()
     print(f"big model built (table never allocated): {rss()}")
     ref.model.eval()
-    prompts = [ref.tokenizer.encode(t).ids for t in PROMPTS]
 
-    def run(parts) -> float:
+    def run(parts, i: int) -> float:
+        texts = [PROMPTS[(4 * i + j) % len(PROMPTS)] for j in range(4)]
         res = generate(
-            parts.model, prompts, indexer=parts.indexer, max_new_tokens=args.tokens,
-            temperature=0.8, top_k=40, seed=0,
+            parts.model, [ref.tokenizer.encode(t).ids for t in texts], indexer=parts.indexer,
+            max_new_tokens=args.tokens, temperature=0.8, top_k=40, seed=i,
         )  # fmt: skip
         return res.tokens_per_s
 
     r_ram, r_disk = [], []
     for i in range(args.rounds):
-        r_ram.append(run(ref))
+        r_ram.append(run(ref, i))
         gc.collect()
-        r_disk.append(run(disk))
+        r_disk.append(run(disk, i))
         print(f"round {i}: RAM-table {r_ram[-1]:.1f} tok/s, {size / 2**30:.0f} GiB disk table "
               f"{r_disk[-1]:.1f} tok/s, cache hit rate {cache.stats().hit_rate:.1%}, rss {rss()}")  # fmt: skip
-    ra, rd = statistics.median(r_ram), statistics.median(r_disk)
+    ra, rd = statistics.median(r_ram[1:]), statistics.median(r_disk[1:])
     st = cache.stats()
     after = rss()
     model_mib = sum(p.numel() * p.element_size() for p in disk.model.parameters()) / 2**20
     print(
-        f"\nmedian: small RAM table {ra:.1f} tok/s, {size / 2**30:.1f} GiB table on disk "
+        f"\nround 0 (cold page cache, empty row cache): {r_disk[0]:.1f} vs {r_ram[0]:.1f} tok/s"
+        f" ({(1 - r_disk[0] / r_ram[0]) * 100:+.1f}%)"
+        f"\nmedian of later rounds (new text each round): small RAM table {ra:.1f} tok/s, {size / 2**30:.1f} GiB table on disk "
         f"{rd:.1f} tok/s ({(1 - rd / ra) * 100:+.1f}% slower)"
     )
     print(
