@@ -37,6 +37,7 @@ from engram.store.tablefile import DTYPE_CODES
 from engram.train import RunParts, load_trained
 
 STORES = ("ram", "mmap")
+WILLNEED_MAX = 4096  # rows per request advised to the kernel up front (a decode step reads B*H)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class TierConfig:
     prefetch: bool = True
     # Check each table file's data checksum when opening it (reads the whole file once).
     verify: bool = False
+    # Tell the kernel a step's pages up front (MADV_WILLNEED) so cold reads go out together.
+    willneed: bool = True
 
     def __post_init__(self) -> None:
         if self.store not in STORES:
@@ -171,8 +174,9 @@ def load_served(
     try:
         for lid, f in files.items():
             store: RowStore = MmapRowStore(
-                f, expected_fingerprint=fingerprint, verify=tier.verify, check_bounds=False
-            )
+                f, expected_fingerprint=fingerprint, verify=tier.verify, check_bounds=False,
+                willneed_max=WILLNEED_MAX if tier.willneed else 0,
+            )  # fmt: skip
             if tier.cache_rows:
                 store = CachedRowStore(
                     store, capacity_rows=tier.cache_rows, policy=tier.cache_policy,
