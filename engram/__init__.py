@@ -7,12 +7,16 @@ module: gate, value, short conv), and ``indexer`` (tokenizer + compressor + hash
 Training and comparison: ``model`` (the transformer backbone with MoE, hyper-connections and
 Engram layers), ``plan`` (iso-parameter expert/table allocation), ``data`` (corpora, token cache,
 background-hashing loader), ``optim``, ``checkpoint``, ``train`` (the loop), ``presets``.
+
+Serving: ``generate`` (KV-cache decoding with streaming hashing), ``serving`` (tables in RAM or in
+table files behind a hot-row cache and background prefetch), ``store`` (the tiers themselves).
 """
 
 from engram.compress import TokenizerCompressor
 from engram.config import EngramConfig, demo_config, small_config
 from engram.corpus import iter_builtin_documents, load_builtin_corpus
 from engram.data import DataConfig
+from engram.generate import GenerationResult, generate
 from engram.hashing import HashStream, NgramHasher
 from engram.indexer import NgramIndexer
 from engram.layer import Engram
@@ -21,34 +25,42 @@ from engram.optim import OptimConfig
 from engram.plan import plan_allocation
 from engram.presets import preset
 from engram.run_config import RunConfig, TrainConfig, apply_overrides
-from engram.store import MemoryRowStore, RowStore
+from engram.serving import ServedModel, TierConfig, load_served
+from engram.store import CachedRowStore, MemoryRowStore, MmapRowStore, RowStore
 from engram.tokenizer import load_builtin_tokenizer
 from engram.train import evaluate, load_trained, train
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "CachedRowStore",
     "DataConfig",
     "Engram",
     "EngramConfig",
     "EngramLM",
+    "GenerationResult",
     "HashStream",
     "MemoryRowStore",
+    "MmapRowStore",
     "ModelConfig",
     "NgramHasher",
     "NgramIndexer",
     "OptimConfig",
     "RowStore",
     "RunConfig",
+    "ServedModel",
+    "TierConfig",
     "TokenizerCompressor",
     "TrainConfig",
     "__version__",
     "apply_overrides",
     "demo_config",
     "evaluate",
+    "generate",
     "iter_builtin_documents",
     "load_builtin_corpus",
     "load_builtin_tokenizer",
+    "load_served",
     "load_trained",
     "plan_allocation",
     "preset",

@@ -21,10 +21,12 @@ from engram.store.tablefile import (
     verify_table,
     write_table,
 )
+from engram.store.trainable import DiskTrainedStore
 
 __all__ = [
     "CacheStats",
     "CachedRowStore",
+    "DiskTrainedStore",
     "MemoryRowStore",
     "MmapRowStore",
     "PrefetchHandle",
