@@ -239,7 +239,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise CLIError("give at least one --prompt TEXT")
     tier = TierConfig(
         store=args.store, tables=args.tables, dtype=args.table_dtype, cache_rows=args.cache_rows,
-        prefetch=not args.no_prefetch,
+        cache_bytes=int(args.cache_mib * 2**20), prefetch=not args.no_prefetch,
     )  # fmt: skip
     with load_served(args.ckpt, tier) as served:
         parts = served.parts
@@ -608,6 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="row format when exporting on first use (mmap)")  # fmt: skip
     gn.add_argument("--cache-rows", type=int, default=0,
                     help="hot-row cache size per Engram layer (mmap; default 0 = none)")  # fmt: skip
+    gn.add_argument("--cache-mib", type=float, default=0,
+                    help="or the cache size per Engram layer in MiB of rows (mmap)")  # fmt: skip
     gn.add_argument("--no-prefetch", action="store_true", help="no background row prefetch")
     gn.add_argument("--json", action="store_true", help="print the outputs and stats as JSON")
     gn.set_defaults(func=cmd_generate)

@@ -52,6 +52,8 @@ class TierConfig:
     dtype: str = "float32"
     # Rows per layer kept in the hot-row cache (0 = no cache; the page cache still works).
     cache_rows: int = 0
+    # Or the cache's size per layer in bytes of rows (0 = use cache_rows).
+    cache_bytes: int = 0
     # Cache policy: "lfu" (TinyLFU, frequency-aware) or "lru".
     cache_policy: str = "lfu"
     # Fetch each step's rows on a background thread ahead of the layer that reads them.
@@ -66,10 +68,14 @@ class TierConfig:
             raise ValueError(f"store must be one of {list(STORES)}, got {self.store!r}")
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"table dtype must be one of {list(DTYPE_CODES)}, got {self.dtype!r}")
-        if self.cache_rows < 0:
-            raise ValueError(f"cache_rows must be >= 0, got {self.cache_rows}")
-        if self.store == "ram" and (self.cache_rows or self.tables):
-            raise ValueError("cache_rows and tables apply to store='mmap' only")
+        if self.cache_rows < 0 or self.cache_bytes < 0:
+            raise ValueError(
+                f"cache_rows and cache_bytes must be >= 0, got {self.cache_rows}, {self.cache_bytes}"
+            )
+        if self.cache_rows and self.cache_bytes:
+            raise ValueError("give the cache size as cache_rows or cache_bytes, not both")
+        if self.store == "ram" and (self.cache_rows or self.cache_bytes or self.tables):
+            raise ValueError("cache_rows, cache_bytes and tables apply to store='mmap' only")
 
 
 @dataclass
@@ -177,9 +183,10 @@ def load_served(
                 f, expected_fingerprint=fingerprint, verify=tier.verify, check_bounds=False,
                 willneed_max=WILLNEED_MAX if tier.willneed else 0,
             )  # fmt: skip
-            if tier.cache_rows:
+            if tier.cache_rows or tier.cache_bytes:
                 store = CachedRowStore(
-                    store, capacity_rows=tier.cache_rows, policy=tier.cache_policy,
+                    store, capacity_rows=tier.cache_rows or None,
+                    capacity_bytes=tier.cache_bytes or None, policy=tier.cache_policy,
                     check_bounds=False,
                 )  # fmt: skip
             if prefetcher is not None:

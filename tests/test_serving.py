@@ -42,8 +42,9 @@ def _generate(served, **kw):
         TierConfig(store="mmap", cache_rows=64),
         TierConfig(store="mmap", cache_rows=64, cache_policy="lru", prefetch=False),
         TierConfig(store="mmap", cache_rows=100_000, verify=True),
+        TierConfig(store="mmap", cache_bytes=4096, willneed=False),
     ],
-    ids=["mmap", "mmap+cache+prefetch", "mmap+lru", "mmap+big-cache"],
+    ids=["mmap", "mmap+cache+prefetch", "mmap+lru", "mmap+big-cache", "mmap+cache-bytes"],
 )
 def test_every_tier_generates_exactly_what_ram_does(run: Path, tier: TierConfig) -> None:
     with load_served(run) as ram:
@@ -62,13 +63,15 @@ def test_every_tier_generates_exactly_what_ram_does(run: Path, tier: TierConfig)
         kinds.append(type(inner))
         inner = getattr(inner, "inner", None)
     assert kinds[-1] is MmapRowStore
-    assert (CachedRowStore in kinds) == bool(tier.cache_rows)
+    assert (CachedRowStore in kinds) == bool(tier.cache_rows or tier.cache_bytes)
     assert (PrefetchingStore in kinds) == tier.prefetch
     if tier.prefetch:  # generate asked for every step's rows ahead, and they were used
         assert stats["prefetch"]["prefetched_hits"] > 0
         assert stats["prefetch"]["sync_gathers"] == 0
-    if tier.cache_rows:
+    if tier.cache_rows or tier.cache_bytes:
         assert stats["cache"]["lookups"] > 0
+    if tier.cache_bytes:
+        assert stats["cache"]["capacity"] == 4096 // (4 * 8)  # float32 rows of head_dim 8
 
 
 def test_int8_tables_are_close_but_smaller(run: Path) -> None:
@@ -135,6 +138,11 @@ def test_cli_generate_and_table_commands(run: Path, tmp_path: Path, capsys) -> N
     assert "is corrupt: data crc32" in capsys.readouterr().err
     assert main(["generate", "--ckpt", str(run)]) == 2
     assert "--prompt" in capsys.readouterr().err
+    assert main(["generate", "--ckpt", str(run), "--prompt", "x", "--cache-rows", "5"]) == 2
+    assert "store='mmap' only" in capsys.readouterr().err
+    bad_tier = ["--store", "mmap", "--cache-rows", "5", "--cache-mib", "1"]
+    assert main(["generate", "--ckpt", str(run), "--prompt", "x", *bad_tier]) == 2
+    assert "not both" in capsys.readouterr().err
 
 
 def test_baseline_has_nothing_to_serve_from_disk(tiny_runs, capsys) -> None:
