@@ -67,6 +67,23 @@ class RunSummary:
         return d
 
 
+SAMPLE_PROMPT = "And God said unto Moses,"
+
+
+@dataclass(frozen=True)
+class DemoSample:
+    """A greedy continuation of `SAMPLE_PROMPT` by the Engram model, tables in RAM and on disk."""
+
+    prompt: str
+    text: str
+    ram_tokens_per_s: float
+    disk_tokens_per_s: float
+    same_tokens: bool  # the disk tier must give the RAM model's tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
 @dataclass(frozen=True)
 class DemoResult:
     plan: Plan
@@ -76,6 +93,29 @@ class DemoResult:
     loss_png: Path
     gate_png: Path
     summary_json: Path
+    sample: DemoSample
+
+
+def sample_both_tiers(run_dir: Path, new_tokens: int = 32) -> DemoSample:
+    """Generate from a run with its tables in RAM, then from table files (mmap + cache)."""
+    from engram.generate import generate
+    from engram.serving import TierConfig, load_served
+
+    out = {}
+    for store in ("ram", "mmap"):
+        tier = TierConfig(store=store, cache_rows=20_000 if store == "mmap" else 0)
+        with load_served(run_dir, tier) as served:
+            parts = served.parts
+            ids = parts.tokenizer.encode(SAMPLE_PROMPT).ids
+            res = generate(
+                parts.model, [ids], indexer=parts.indexer, max_new_tokens=new_tokens,
+                temperature=0, eos_id=EOT_ID,
+            )  # fmt: skip
+            out[store] = (res, parts.tokenizer.decode(res.tokens[0]))
+    (ram, text), (disk, _) = out["ram"], out["mmap"]
+    return DemoSample(
+        SAMPLE_PROMPT, text, ram.tokens_per_s, disk.tokens_per_s, ram.tokens == disk.tokens
+    )
 
 
 def demo_configs(quick: bool = False) -> tuple[RunConfig, RunConfig, Plan]:
@@ -181,6 +221,13 @@ def run_demo(
         out / "gate_heatmap.png",
         title="Engram gate per token (0-based layer ids)",
     )
+    sample = sample_both_tiers(eng.out_dir)
+    echo(f"== the Engram model continues (greedy): {sample.prompt}{sample.text}")
+    echo(
+        f"   {sample.ram_tokens_per_s:.0f} tokens/s with its tables in RAM, "
+        f"{sample.disk_tokens_per_s:.0f} tokens/s from table files on disk "
+        f"({'same tokens' if sample.same_tokens else 'DIFFERENT tokens'}; engram generate --help)"
+    )
     summary_json = out / "summary.json"
     atomic_write_text(
         summary_json,
@@ -190,10 +237,11 @@ def run_demo(
                 "baseline": base.to_dict(),
                 "engram": eng.to_dict(),
                 "gates": reading.to_dict(),
+                "sample": sample.to_dict(),
             },
             indent=1,
         )
         + "\n",
     )
     echo(f"wrote {loss_png}, {gate_png} and {summary_json}")
-    return DemoResult(plan, base, eng, reading, loss_png, gate_png, summary_json)
+    return DemoResult(plan, base, eng, reading, loss_png, gate_png, summary_json, sample)
