@@ -224,9 +224,8 @@ def run_demo(
     sample = sample_both_tiers(eng.out_dir)
     echo(f"== the Engram model continues (greedy): {sample.prompt}{sample.text}")
     echo(
-        f"   {sample.ram_tokens_per_s:.0f} tokens/s with its tables in RAM, "
-        f"{sample.disk_tokens_per_s:.0f} tokens/s from table files on disk "
-        f"({'same tokens' if sample.same_tokens else 'DIFFERENT tokens'}; engram generate --help)"
+        "   and with its tables read from table files on disk (mmap + hot-row cache): "
+        f"{'the same tokens' if sample.same_tokens else 'DIFFERENT tokens'} (engram generate --help)"
     )
     summary_json = out / "summary.json"
     atomic_write_text(

@@ -118,7 +118,7 @@ def test_demo_pipeline_with_tiny_models(tmp_path, capsys):
     summary = json.loads(result.summary_json.read_text())
     assert summary["engram"]["val_loss"] == result.engram.val_loss
     assert summary["sample"]["same_tokens"] and summary["sample"]["text"]
-    assert "from table files on disk (same tokens" in out
+    assert "hot-row cache): the same tokens" in out
 
 
 @pytest.mark.slow
