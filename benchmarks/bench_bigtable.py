@@ -25,26 +25,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from prompts import PROMPTS  # benchmarks/prompts.py: four per round, new text every round
 
 from engram.generate import generate
 from engram.presets import demo_engram
 from engram.store import CachedRowStore, MmapRowStore, Prefetcher, PrefetchingStore, write_table
 from engram.train import build_run
-
-PROMPTS = [  # four per round; every round reads new text (and samples with a new seed)
-    "And God said, Let there be light",
-    "The LORD is my shepherd; I shall not want.",
-    "In the beginning was the Word, and the Word was with God,",
-    "And the children of Israel went up out of the land of Egypt",
-    "Blessed are the poor in spirit: for theirs is the kingdom",
-    "Now the serpent was more subtil than any beast of the field",
-    "And Moses said unto the people, Fear ye not",
-    "For God so loved the world, that he gave his only begotten Son",
-    "Vanity of vanities, saith the Preacher, vanity of vanities;",
-    "Then answered Peter and said unto him, Behold,",
-    "And it came to pass in those days, that there went out a decree",
-    "By the rivers of Babylon, there we sat down, yea, we wept,",
-]
 
 
 def rss() -> dict[str, float]:

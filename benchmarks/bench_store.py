@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from prompts import PROMPTS  # benchmarks/prompts.py
 
 from engram.store import CachedRowStore, MemoryRowStore, MmapRowStore, write_table
 
@@ -111,16 +112,7 @@ def bench_generate(args: argparse.Namespace) -> None:
     from engram.generate import generate
     from engram.serving import TierConfig, load_served
 
-    texts = [
-        "And God said, Let there be light",
-        "The LORD is my shepherd; I shall not want.",
-        "In the beginning was the Word, and the Word was with God,",
-        "And the children of Israel went up out of the land of Egypt",
-        "Blessed are the poor in spirit: for theirs is the kingdom",
-        "Now the serpent was more subtil than any beast of the field",
-        "And Moses said unto the people, Fear ye not",
-        "For God so loved the world, that he gave his only begotten Son",
-    ][: args.batch]
+    texts = PROMPTS[: args.batch]
     ram = load_served(args.ckpt)
     tier = TierConfig(store="mmap", cache_rows=args.cache_rows, prefetch=not args.no_prefetch)
     disk = load_served(args.ckpt, tier)

@@ -63,7 +63,6 @@ import json
 import os
 import struct
 import sys
-import tempfile
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -74,7 +73,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engram.atomic import default_mode
+from engram.atomic import atomic_open
 
 MAGIC = b"ENGRAMTB"
 FORMAT_VERSION = 1
@@ -581,42 +580,31 @@ def write_table(
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     read, n, d = _chunk_reader(source, num_rows, dim)
     h = layout(n, d, dtype, fingerprint=fingerprint, layer_id=layer_id, meta=meta)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w+b") as f:
-            f.write(bytes(h.header_nbytes))  # placeholder; the real header goes in last
-            crc = 0
-            for start in range(0, n, chunk_rows):
-                stop = min(start + chunk_rows, n)
-                chunk = read(start, stop)
-                if not isinstance(chunk, Tensor):
-                    chunk = torch.as_tensor(chunk)
-                if tuple(chunk.shape) != (stop - start, d) or not chunk.dtype.is_floating_point:
-                    raise ValueError(
-                        f"table source returned {chunk.dtype} {tuple(chunk.shape)} for rows "
-                        f"[{start}, {stop}); expected a float tensor of shape ({stop - start}, {d})"
-                    )
-                rows, scale = _encode(chunk, dtype)
-                f.write(rows)  # type: ignore[arg-type]  # buffer protocol
-                crc = zlib.crc32(rows, crc)  # type: ignore[arg-type]
-                if scale is not None:  # scales live after the data: write them in place
-                    os.pwrite(f.fileno(), scale.tobytes(), h.scale_offset + 4 * start)
-            if h.scale_nbytes:
-                f.write(bytes(h.scale_offset - h.data_offset - h.data_nbytes))  # alignment pad
-                f.flush()
-                crc = _crc_range(f, h.scale_offset, h.scale_nbytes, crc)
-            h = replace(h, data_crc=crc)
+    with atomic_open(path, "w+b") as f:
+        f.write(bytes(h.header_nbytes))  # placeholder; the real header goes in last
+        crc = 0
+        for start in range(0, n, chunk_rows):
+            stop = min(start + chunk_rows, n)
+            chunk = read(start, stop)
+            if not isinstance(chunk, Tensor):
+                chunk = torch.as_tensor(chunk)
+            if tuple(chunk.shape) != (stop - start, d) or not chunk.dtype.is_floating_point:
+                raise ValueError(
+                    f"table source returned {chunk.dtype} {tuple(chunk.shape)} for rows "
+                    f"[{start}, {stop}); expected a float tensor of shape ({stop - start}, {d})"
+                )
+            rows, scale = _encode(chunk, dtype)
+            f.write(rows)  # type: ignore[arg-type]  # buffer protocol
+            crc = zlib.crc32(rows, crc)  # type: ignore[arg-type]
+            if scale is not None:  # scales live after the data: write them in place
+                os.pwrite(f.fileno(), scale.tobytes(), h.scale_offset + 4 * start)
+        if h.scale_nbytes:
+            f.write(bytes(h.scale_offset - h.data_offset - h.data_nbytes))  # alignment pad
             f.flush()
-            os.pwrite(f.fileno(), pack_header(h), 0)
-            os.fsync(f.fileno())
-        os.chmod(tmp, default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+            crc = _crc_range(f, h.scale_offset, h.scale_nbytes, crc)
+        h = replace(h, data_crc=crc)
+        f.flush()
+        os.pwrite(f.fileno(), pack_header(h), 0)
     return h
 
 
@@ -630,17 +618,3 @@ def _crc_range(f: BinaryIO, offset: int, nbytes: int, crc: int = 0) -> int:
         nbytes -= len(block)
     f.seek(0, os.SEEK_END)
     return crc
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (best effort: some filesystems refuse to open a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engram.atomic import default_mode
+from engram.atomic import atomic_open
 from engram.store.mmap import MmapRowStore
 from engram.store.tablefile import TableFileError, write_table
 
@@ -141,15 +140,8 @@ class DiskTrainedStore:
         for part in PARTS:
             src = saved / part_file(layer_id, part)
             MmapRowStore(src, expected_fingerprint=expected_fingerprint).close()  # header check
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{src.name}.", suffix=".tmp")
-            os.close(fd)
-            try:
-                shutil.copyfile(src, tmp)
-                os.chmod(tmp, default_mode())
-                os.replace(tmp, directory / src.name)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with open(src, "rb") as fin, atomic_open(directory / src.name) as fout:
+                shutil.copyfileobj(fin, fout, 16 << 20)
         return cls(directory, layer_id, step)
 
     # ---------------------------------------------------------------------------- RowStore
