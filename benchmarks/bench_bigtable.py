@@ -29,6 +29,7 @@ from prompts import PROMPTS  # benchmarks/prompts.py: four per round, new text e
 
 from engram.generate import generate
 from engram.presets import demo_engram
+from engram.serving import WILLNEED_MAX
 from engram.store import CachedRowStore, MmapRowStore, Prefetcher, PrefetchingStore, write_table
 from engram.train import build_run
 
@@ -102,7 +103,7 @@ def main() -> None:
     os.close(fd)
 
     prefetcher = Prefetcher(max_pending=2)
-    mm = MmapRowStore(path, expected_fingerprint=fp, check_bounds=False)
+    mm = MmapRowStore(path, expected_fingerprint=fp, check_bounds=False, willneed_max=WILLNEED_MAX)
     cache = CachedRowStore(mm, capacity_rows=args.cache_rows, check_bounds=False)
     stack = PrefetchingStore(cache, prefetcher)
     before_model = rss()
