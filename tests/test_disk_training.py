@@ -122,7 +122,10 @@ _KILLER = textwrap.dedent(
     from engram.presets import tiny_engram
     from engram.train import train
 
+    import torch
+
     mode, kill_at, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    torch.set_num_threads(int(sys.argv[4]))  # the parent's: float sums depend on the split
     calls = [0]
 
     def die():
@@ -174,7 +177,7 @@ def test_killed_run_keeps_last_checkpoint_and_resumes(
 ) -> None:
     out = tmp_path / "killed"
     proc = subprocess.run(
-        [sys.executable, "-c", _KILLER, mode, str(kill_at), str(out)],
+        [sys.executable, "-c", _KILLER, mode, str(kill_at), str(out), str(torch.get_num_threads())],
         capture_output=True,
         text=True,
         timeout=300,
