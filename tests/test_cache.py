@@ -166,6 +166,80 @@ def test_memory_is_bounded_by_capacity_not_table() -> None:
     assert cache.memory_bytes() < 200_000  # rows 32 KB + bookkeeping; nothing per table row
 
 
+def check_internal_invariants(cache: CachedRowStore) -> None:
+    """The fast paths' bookkeeping: slot table, memo hints, scratch arrays, score floor."""
+    ids = cache.resident_ids().numpy()
+    in_slots = cache._slot_id[cache._slot_id >= 0]
+    assert np.array_equal(np.sort(in_slots), ids)  # the slot table and the index agree
+    assert (cache._index_slot < cache._fill).all()  # never-used slots lie above _fill
+    assert not cache._count.any()  # the scratch counts are left zeroed
+    if cache.policy == "lfu":
+        assert cache._score_floor <= cache._score.min()  # a lower bound, so no admission lost
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    policy=st.sampled_from(["lfu", "lru"]),
+    capacity=st.sampled_from([1, 5, 40, 400]),
+    sample_size=st.sampled_from([None, 60]),
+)
+def test_small_and_large_request_paths_agree(
+    seed: int, policy: str, capacity: int, sample_size: int | None
+) -> None:
+    """The per-occurrence path (small requests) and the deduplicating path (large requests)
+    make exactly the same decisions: same rows, stats and resident set after every call."""
+    import engram.store.cache as cache_mod
+
+    rng = np.random.default_rng(seed)
+    inner = MemoryRowStore(2000, 3, seed=seed % 1000)
+    calls = []
+    for _ in range(40):
+        n = int(rng.choice([1, 2, 7, 30, 200]))
+        ids = zipf_ids(rng, n, 2000, s=1.1)
+        calls.append(ids if rng.random() < 0.5 else ids.view(-1, 1))
+    results = []
+    for threshold in (10**9, 0):  # every call small / every call large
+        cache = CachedRowStore(
+            inner, capacity_rows=capacity, policy=policy, sample_size=sample_size
+        )
+        trail = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cache_mod, "_SMALL_REQUEST", threshold)
+            for i, ids in enumerate(calls):
+                assert torch.equal(cache.gather(ids), inner.gather(ids).detach())
+                if i == 20:
+                    cache.invalidate(ids.reshape(-1)[:3])
+                check_internal_invariants(cache)
+                trail.append((cache.stats(), cache.resident_ids().tolist()))
+        results.append(trail)
+    assert results[0] == results[1]
+
+
+def test_ids_of_any_layout_and_dtype() -> None:
+    inner = MemoryRowStore(500, 4, seed=3)
+    cache = CachedRowStore(inner, capacity_rows=50)
+    base = torch.arange(600).remainder(500).view(20, 30)
+    for ids in (base.t(), base[:, ::3], base[::2].to(torch.int32), base[0, :5].to(torch.uint8)):
+        assert not ids.is_contiguous() or ids.dtype != torch.long
+        for _ in range(2):  # a cold and a warm call
+            assert torch.equal(cache.gather(ids), inner.gather(ids.long()).detach())
+    check_internal_invariants(cache)
+
+
+def test_large_request_all_hits() -> None:
+    inner = FunctionStore(1000)
+    cache = CachedRowStore(inner, capacity_rows=100)
+    big = torch.arange(0, 500, 7).repeat(3)  # 72 distinct ids, 216 lookups: the large path
+    cache.gather(big)  # all admitted into free slots
+    assert inner.calls == 1 and cache.resident == 72
+    out = cache.gather(big)  # served from the cache alone, hits deduplicated by slot
+    assert torch.equal(out, inner.rows_of(big)) and inner.calls == 1
+    s = cache.stats()
+    assert (s.lookups, s.hits, s.unique_lookups, s.unique_hits) == (432, 216, 144, 72)
+    check_internal_invariants(cache)
+
+
 # ------------------------------------------------------------------------------ accounting
 def test_lru_accounting_by_hand() -> None:
     inner = FunctionStore(10)
