@@ -170,6 +170,15 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def staging_dir(ckpt_root: str | os.PathLike[str], step: int) -> Path:
+    """A fresh hidden directory beside checkpoint `step`'s final name, to be filled and renamed."""
+    root = Path(ckpt_root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{checkpoint_name(step)}.", suffix=".tmp", dir=root))
+    os.chmod(tmp, default_mode(directory=True))
+    return tmp
+
+
 def save_checkpoint(
     ckpt_root: str | os.PathLike[str],
     step: int,
@@ -178,6 +187,8 @@ def save_checkpoint(
     state: Mapping[str, Any],
     keep: int = 0,
     tables: Mapping[int, Any] | None = None,
+    staging: Path | None = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write checkpoint `step` under `ckpt_root` atomically and point LATEST at it.
 
@@ -186,13 +197,16 @@ def save_checkpoint(
     tables trained on disk: each copies its files into the checkpoint's `tables/` before the
     checkpoint is renamed into place. `keep` > 0 deletes all but the newest `keep` checkpoints
     afterwards. Returns the checkpoint directory.
+
+    `staging` is a directory from `staging_dir` that other writers (the ranks of a distributed
+    run, each with its table shard) have already filled; `extra_files` ({relative path: sha256})
+    lists what they wrote, so loading verifies those files too.
     """
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    tmp = staging if staging is not None else staging_dir(root, step)
     try:
-        os.chmod(tmp, default_mode(directory=True))
         save_model(model, str(tmp / MODEL_FILE))
         files = [MODEL_FILE]
         meta: dict[str, Any] = {}
@@ -208,7 +222,7 @@ def save_checkpoint(
             step=int(step),
             optimizer=meta,
             rng=rng_state(),
-            sha256={f: _sha256(tmp / f) for f in files},
+            sha256={**{f: _sha256(tmp / f) for f in files}, **(extra_files or {})},
         )
         (tmp / STATE_FILE).write_text(json.dumps(full, indent=1), encoding="utf-8")
         for f in [*files, STATE_FILE]:
@@ -317,11 +331,15 @@ def check_fingerprint(ckpt: Checkpoint, expected: str | None) -> None:
         )
 
 
-def load_model_weights(ckpt: Checkpoint, model: nn.Module) -> None:
+def load_model_weights(
+    ckpt: Checkpoint, model: nn.Module, extra: Mapping[str, torch.Tensor] | None = None
+) -> None:
     """Load the checkpoint's model tensors into `model` (strict: every key must match).
 
     The one exception: a table the model serves from an outside store (an Engram layer whose
     store is not a module, e.g. an mmap'd table file) is skipped and never read into memory.
+    `extra` adds tensors kept outside model.safetensors (tables a distributed run saved as
+    shards, assembled by the caller).
     """
     path = ckpt.path / MODEL_FILE
     try:
@@ -329,12 +347,12 @@ def load_model_weights(ckpt: Checkpoint, model: nn.Module) -> None:
             keys = list(f.keys())
         own = set(model.state_dict())
         external = {k for k in keys if k not in own and k.endswith(EXTERNAL_TABLE_SUFFIX)}
-        if not external:
+        if not external and not extra:
             missing, unexpected = load_model(model, str(path), strict=False)
         else:
             with safe_open(str(path), framework="pt") as f:
                 tensors = {k: f.get_tensor(k) for k in keys if k not in external}
-            missing, unexpected = load_model_state(model, tensors)
+            missing, unexpected = load_model_state(model, {**tensors, **(extra or {})})
     except Exception as e:  # safetensors raises several kinds on damaged/mismatched files
         raise CheckpointError(f"cannot load {path} into the model: {e}") from e
     if missing or unexpected:

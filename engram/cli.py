@@ -9,7 +9,8 @@ Design choices:
 
 Commands:
 - ``engram demo``: MoE baseline vs its iso-parameter Engram model on the built-in corpus.
-- ``engram train``: train a preset or config file on the built-in corpus or the user's text.
+- ``engram train``: train a preset or config file on the built-in corpus or the user's text;
+  ``--nproc N`` (or torchrun) trains on N processes with sharded tables.
 - ``engram eval``: validation loss and perplexity of a checkpoint.
 - ``engram plan``: the expert/table allocation that matches an MoE's params and FLOPs.
 - ``engram sweep``: loss against rho at equal params/FLOPs, and against table size.
@@ -33,6 +34,8 @@ from pathlib import Path
 from engram.config import EngramConfig, small_config
 from engram.hashing import kernel_available
 from engram.indexer import NgramIndexer
+from engram.parallel.context import DEFAULT_TIMEOUT_S as DEFAULT_DIST_TIMEOUT_S
+from engram.parallel.context import DistributedError
 
 
 class CLIError(Exception):
@@ -126,12 +129,51 @@ def _run_config(args: argparse.Namespace, default_preset: str | None = None):  #
     return apply_overrides(cfg, overrides)
 
 
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> None:
+    from engram.parallel import context
     from engram.train import train
 
     cfg = _run_config(args)
     _check_data(args.data)
-    result = train(cfg, args.out, resume=not args.no_resume, progress=not args.no_progress)
+    if args.dist_timeout <= 0:
+        raise CLIError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+    worker = context.launched_by_torchrun()
+    if args.nproc is not None and not worker:
+        from engram.parallel.launch import LaunchError, launch
+
+        if args.nproc < 1:
+            raise CLIError(f"--nproc must be >= 1, got {args.nproc}")
+        if cfg.data.batch_size % args.nproc:
+            raise CLIError(
+                f"data.batch_size={cfg.data.batch_size} is the global batch and must split over "
+                f"--nproc {args.nproc} ranks; use a multiple of {args.nproc}"
+            )
+        try:
+            launch(args.nproc, _without_nproc(args.argv))
+        except LaunchError as e:
+            raise CLIError(str(e)) from None
+        return
+    ctx = context.init_from_env(cfg.train.device, args.dist_timeout) if worker else None
+    try:
+        result = train(
+            cfg, args.out, resume=not args.no_resume, progress=not args.no_progress, dist=ctx
+        )
+    finally:
+        context.shutdown(ctx)
+    if ctx is not None and not ctx.is_main:
+        return
     c = result.counts
     print(
         f"{cfg.name}: step {result.step}, "
@@ -514,6 +556,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, help="total optimizer steps (train.steps)")
     t.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--nproc", type=int,
+        help="train on N local processes (torchrun; tables sharded, dense weights with DDP)",
+    )  # fmt: skip
+    t.add_argument(
+        "--dist-timeout", type=float, default=DEFAULT_DIST_TIMEOUT_S, metavar="SECONDS",
+        help="a distributed rank whose peer died or hangs stops after this long (default 300)",
+    )  # fmt: skip
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
@@ -642,7 +692,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     for name in ("steps", "batches", "max_new_tokens", "tokens"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -654,6 +706,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = " ".join(str(exc).split())
         print(f"engram: error: {msg}", file=sys.stderr)
         return 2
+    except DistributedError as exc:
+        print(f"engram: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("engram: interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130

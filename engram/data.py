@@ -890,15 +890,28 @@ class PackedSplit:
         return np.ascontiguousarray(buf[:, :-1]), np.ascontiguousarray(buf[:, 1:])
 
     def train_batch(
-        self, step: int, batch_size: int, seq_len: int, seed: int = 0
+        self,
+        step: int,
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """B random windows, positions from ``default_rng([seed, step])``: (x, y) int64 (B, T)."""
+        """B random windows, positions from ``default_rng([seed, step])``: (x, y) int64 (B, T).
+
+        With ``world_size`` > 1, only block ``rank`` of the B windows, (B / world_size, T): the
+        ranks' blocks put together are the single-process batch, and each rank reads and
+        hashes only its own.
+        """  # fmt: skip
         if step < 0 or seed < 0:
             raise DataError(f"step and seed must be >= 0, got step={step}, seed={seed}")
+        check_shard(batch_size, rank, world_size)
         self.check_seq_len(seq_len)
         rng = np.random.default_rng([seed, step])
         starts = rng.integers(0, self.n_tokens - seq_len, size=batch_size)
-        return self.windows(starts, seq_len)
+        per = batch_size // world_size
+        return self.windows(starts[rank * per : (rank + 1) * per], seq_len)
 
     def n_val_windows(self, seq_len: int) -> int:
         """Number of contiguous stride-``seq_len`` windows ``val_batches`` yields in all."""
@@ -997,6 +1010,19 @@ def prepare_data(data_cfg: DataConfig, tokenizer: Any, sep_id: int) -> DataSplit
 # ----------------------------------------------------------------------------- batches
 
 
+def check_shard(batch_size: int, rank: int, world_size: int) -> None:
+    """Refuse a batch that does not split evenly over the ranks, naming the sizes."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(
+            f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}"
+        )
+    if batch_size % world_size:
+        raise DataError(
+            f"data.batch_size={batch_size} (the global batch) does not split over {world_size} "
+            f"ranks; use a multiple of {world_size}"
+        )
+
+
 @dataclass
 class Batch:
     """One training step's data, as CPU torch tensors."""
@@ -1043,10 +1069,14 @@ class _Producer:
     seed: int
     indexer: NgramIndexer | None
     pin_memory: bool
+    rank: int = 0
+    world_size: int = 1
 
     def make_batch(self, step: int) -> Batch:
         start = time.perf_counter()
-        x, y = self.split.train_batch(step, self.batch_size, self.seq_len, self.seed)
+        x, y = self.split.train_batch(
+            step, self.batch_size, self.seq_len, self.seed, self.rank, self.world_size
+        )
         batch = Batch.from_numpy(step, x, y, self.indexer)
         if self.pin_memory:
             batch = batch.pin_memory()
@@ -1093,7 +1123,8 @@ class BatchLoader:
     """Iterator of training ``Batch``es for steps ``start_step, start_step + 1, ...``.
 
     A background thread makes them (random windows, then ``indexer.rows``) ``prefetch`` ahead.
-    Batch contents equal ``make_batch(step)``, whatever the timing. Use as a context manager or
+    Batch contents equal ``make_batch(step)``, whatever the timing. With ``world_size`` > 1 each
+    batch is this ``rank``'s block of the global batch (see ``PackedSplit.train_batch``). Use as a context manager or
     call ``close()``; dropping the last reference also stops the thread.
     """
 
@@ -1106,6 +1137,8 @@ class BatchLoader:
         prefetch: int = 2,
         seed: int = 0,
         pin_memory: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         split = data.train if isinstance(data, DataSplits) else data
         if not isinstance(split, PackedSplit):
@@ -1130,7 +1163,10 @@ class BatchLoader:
             seed,
             indexer,
             pin_memory and torch.cuda.is_available(),
+            rank,
+            world_size,
         )
+        check_shard(data_cfg.batch_size, rank, world_size)
         self._next_step = start_step
         self._failure: _Failure | None = None
         self._closed = False

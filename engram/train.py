@@ -54,9 +54,24 @@ from engram.data import BatchLoader, DataSplits, prepare_data
 from engram.indexer import NgramIndexer
 from engram.model import EngramLM, ParamCounts
 from engram.optim import build_optimizer, lr_multiplier
+from engram.parallel.context import DistContext, collective_errors
+from engram.parallel.parallelize import (
+    parallelize,
+    rank_slice,
+    sharded_stores,
+    sync_router_loads,
+)
+from engram.parallel.tables import (
+    SHARDED_KEY,
+    assembled_table_optimizer,
+    assembled_tables,
+    load_shards,
+    save_distributed_checkpoint,
+)
 from engram.run_config import ConfigError, RunConfig
 from engram.store.base import RowStore
 from engram.store.mmap import MmapRowStore
+from engram.store.sharded import ShardedRowStore
 from engram.store.trainable import DiskTrainedStore
 from engram.tokenizer import EOT_ID, load_builtin_tokenizer
 
@@ -163,8 +178,15 @@ def evaluate(
     batches: Iterator[tuple[Any, Any]] | list[tuple[Any, Any]],
     indexer: NgramIndexer | None,
     bf16: bool = False,
+    dist: DistContext | None = None,
 ) -> float:
-    """Mean next-token cross-entropy over `(x, y)` numpy/torch batches (equal-size windows)."""
+    """Mean next-token cross-entropy over `(x, y)` numpy/torch batches (equal-size windows).
+
+    With `dist`, every rank is given the same batches and evaluates its block of each (a rank
+    whose block of a short last batch is empty still runs one row, weighted 0, so that every
+    rank makes the same table exchanges); the sums are all-reduced, so all ranks return the
+    single-process number up to float summation order.
+    """
     was_training = model.training
     model.eval()
     device = model.tok_emb.weight.device
@@ -172,16 +194,24 @@ def evaluate(
     try:
         for x_np, y_np in batches:
             x = torch.as_tensor(x_np, dtype=torch.long)
+            y = torch.as_tensor(y_np, dtype=torch.long)
+            weight = 1.0
+            if dist is not None:
+                full_x, full_y = x, y
+                x, y = rank_slice(full_x, dist), rank_slice(full_y, dist)
+                if x.shape[0] == 0:
+                    x, y, weight = full_x[:1], full_y[:1], 0.0
             rows = None if indexer is None else torch.as_tensor(indexer.rows(x.numpy()))
-            x = x.to(device)
-            y = torch.as_tensor(y_np, dtype=torch.long).to(device)
+            x, y = x.to(device), y.to(device)
             rows = None if rows is None else rows.to(device)
             with _autocast(bf16, device.type):
                 out = model(x, rows, targets=y)
-            total += float(out.loss) * y.numel()
-            n += y.numel()
+            total += weight * float(out.loss) * y.numel()
+            n += int(weight) * y.numel()
     finally:
         model.train(was_training)
+    if dist is not None:
+        total, n = dist.all_reduce_sum([total, float(n)], "evaluation")
     if n == 0:
         raise ValueError("evaluate got no batches")
     return total / n
@@ -269,9 +299,49 @@ def load_trained(
         stores = checkpoint_table_stores(ckpt)
     parts = build_run(cfg, tokenizer, stores=stores)
     check_fingerprint(ckpt, parts.hash_fingerprint)
-    load_model_weights(ckpt, parts.model)
+    own = parts.model.state_dict()
+    extra = {k: v for k, v in assembled_tables(ckpt).items() if k in own}
+    load_model_weights(ckpt, parts.model, extra)
     parts.model.eval()
     return parts, ckpt
+
+
+def _exchange_totals(stores: Mapping[int, ShardedRowStore]) -> dict[str, float]:
+    """Bytes this rank sent to other ranks and seconds spent exchanging, over all tables."""
+    keys = ("id_bytes_sent", "row_bytes_sent", "grad_bytes_sent", "forward_s", "backward_s")
+    stats = [s.stats.as_dict() for s in stores.values()]
+    return {f"xchg_{k}": sum(st[k] for st in stats) for k in keys}
+
+
+def _load_for_training(
+    ckpt: Checkpoint,
+    cfg: RunConfig,
+    model: EngramLM,
+    opt: Any,
+    sharded: Mapping[int, ShardedRowStore],
+) -> None:
+    """Weights and optimizer state into a run about to resume, whatever wrote the checkpoint.
+
+    Sharded tables (this run is distributed) read their rows from a checkpoint of any world
+    size, or from a single process's table and SparseAdam state; a single process resuming a
+    distributed run gets its tables and moments assembled from the shards.
+    """
+    layer_ids = () if cfg.engram is None else cfg.engram.layer_ids
+    optim_state = load_optimizer_state(ckpt)
+    if sharded:
+        load_model_weights(ckpt, model)
+        load_shards(ckpt, sharded, layer_ids)
+        if optim_state is not None:
+            optim_state.pop("table", None)  # a single process's SparseAdam: now in the shards
+    else:
+        own = model.state_dict()
+        extra = {k: v for k, v in assembled_tables(ckpt).items() if k in own}
+        load_model_weights(ckpt, model, extra)
+        if ckpt.state.get(SHARDED_KEY) and optim_state is not None and opt.table is not None:
+            groups = opt.table.state_dict()["param_groups"]
+            optim_state["table"] = assembled_table_optimizer(ckpt, layer_ids, groups)
+    if optim_state is not None:
+        opt.load_state_dict(optim_state)
 
 
 def train(
@@ -282,13 +352,20 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     data: DataSplits | None = None,
+    dist: DistContext | None = None,
 ) -> TrainResult:
     """Train `cfg` into `out_dir`, resuming from its latest checkpoint when there is one.
 
     `stop_after` ends this call after that many steps (with a checkpoint), as an interruption
     would; `data` reuses already-prepared splits (same data config) across runs.
+
+    With `dist` (one call per rank, see `engram.parallel`), `cfg.data.batch_size` is the global
+    batch: each rank trains on its block, Engram tables are row-sharded over the ranks and the
+    dense parameters replicated with DDP; rank 0 writes the metrics and commits checkpoints,
+    whose tables are saved as shards that reload on any number of ranks (or in one process).
     """
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device) if dist is None else dist.device
+    main = dist is None or dist.is_main
     out = Path(out_dir)
     ckpt_root = out / "checkpoints"
     latest = find_latest(ckpt_root) if resume else None
@@ -301,18 +378,42 @@ def train(
                 f"{out} holds a run with a different config; resume it with the same config "
                 "(only train.steps may change) or choose a new output directory"
             )
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / CONFIG_FILE)
-    remove_stale_temporaries(ckpt_root)  # a killed writer's half checkpoint is never LATEST
-
     on_disk = cfg.train.table_store == "mmap" and cfg.engram is not None
     if on_disk and device.type != "cpu":
         raise ConfigError("train.table_store='mmap' trains on the CPU; use train.device='cpu'")
-    parts = build_run(cfg, stores=_disk_tables(cfg, out, latest) if on_disk else None)
+    if dist is not None:
+        if on_disk:
+            raise ConfigError(
+                "train.table_store='mmap' trains in one process; a distributed run shards its "
+                "tables over the ranks' memory (use train.table_store='ram')"
+            )
+        if cfg.data.batch_size % dist.world_size:
+            raise ConfigError(
+                f"data.batch_size={cfg.data.batch_size} is the global batch and must split over "
+                f"{dist.world_size} ranks; use a multiple of {dist.world_size}"
+            )
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / CONFIG_FILE)
+        remove_stale_temporaries(ckpt_root)  # a killed writer's half checkpoint is never LATEST
+    if dist is not None:
+        dist.barrier("start-up (rank 0 preparing the run directory)")
+    stores: StoreSpec | None = None
+    if on_disk:
+        stores = _disk_tables(cfg, out, latest)
+    elif dist is not None and cfg.engram is not None:
+        e = cfg.engram
+        stores = sharded_stores(dist, e.layer_ids, e.head_dim, e.seed, cfg.train.table_std)
+    parts = build_run(cfg, stores=stores)
     disk_tables = {
         lid: e.store
         for lid, e in parts.model.engram_layers().items()
         if isinstance(e.store, DiskTrainedStore)
+    }
+    sharded = {
+        lid: e.store
+        for lid, e in parts.model.engram_layers().items()
+        if isinstance(e.store, ShardedRowStore)
     }
     model, indexer = parts.model.to(device), parts.indexer
     if data is None:
@@ -324,19 +425,19 @@ def train(
     if latest is not None:
         ckpt = read_checkpoint(latest)
         check_fingerprint(ckpt, parts.hash_fingerprint)
-        load_model_weights(ckpt, model)
-        optim_state = load_optimizer_state(ckpt)
-        if optim_state is not None:
-            opt.load_state_dict(optim_state)
+        _load_for_training(ckpt, cfg, model, opt, sharded)
         set_rng_state(ckpt.state["rng"])
         start = ckpt.step
-        kept = [m for m in read_metrics(metrics_path) if m["step"] <= start]
-        atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
-    elif metrics_path.exists():
+        if main:
+            kept = [m for m in read_metrics(metrics_path) if m["step"] <= start]
+            atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
+    elif main and metrics_path.exists():
         metrics_path.unlink()
 
     counts = model.param_counts()
-    fwd = torch.compile(model) if tc.compile else model
+    ddp = parallelize(model, dist) if dist is not None else None
+    fwd = ddp if ddp is not None else model
+    fwd = torch.compile(fwd) if tc.compile else fwd
     model.train()
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
     tokens_per_step = tc.grad_accum * cfg.data.batch_size * cfg.data.seq_len
@@ -354,15 +455,23 @@ def train(
         }
 
     bar = tqdm(
-        total=tc.steps, initial=start, desc=cfg.name, unit="step", disable=not progress,
+        total=tc.steps, initial=start, desc=cfg.name, unit="step", disable=not (progress and main),
         dynamic_ncols=True, leave=True,
     )  # fmt: skip
+    rank, world = (0, 1) if dist is None else (dist.rank, dist.world_size)
     loader = BatchLoader(
         data.train, cfg.data, indexer, start_step=start * tc.grad_accum,
         prefetch=tc.prefetch, seed=tc.seed, pin_memory=device.type == "cuda",
+        rank=rank, world_size=world,
     )  # fmt: skip
+    failures = (
+        contextlib.nullcontext if dist is None else lambda: collective_errors(dist, "training")
+    )
     try:
-        with open(metrics_path, "a", encoding="utf-8") as log:
+        with (
+            open(metrics_path, "a", encoding="utf-8") if main else contextlib.nullcontext() as log,
+            failures(),
+        ):
             for step in range(start, end):
                 t0 = time.perf_counter()
                 lr_mult = lr_multiplier(
@@ -370,19 +479,28 @@ def train(
                 )
                 opt.set_lr(lr_mult)
                 loss_sum = aux_sum = wait = 0.0
-                for _ in range(tc.grad_accum):
+                exchanged = _exchange_totals(sharded)
+                for micro in range(tc.grad_accum):
                     w0 = time.perf_counter()
                     batch = next(loader).to(device, non_blocking=True)
                     wait += time.perf_counter() - w0
-                    with _autocast(tc.bf16, device.type):
-                        outp = fwd(batch.x, batch.rows, targets=batch.y)
-                    loss = outp.loss + outp.aux_loss
-                    (loss / tc.grad_accum).backward()
+                    sync = ddp is None or micro + 1 == tc.grad_accum  # all-reduce once per step
+                    with contextlib.nullcontext() if sync else ddp.no_sync():  # type: ignore[union-attr]
+                        with _autocast(tc.bf16, device.type):
+                            outp = fwd(batch.x, batch.rows, targets=batch.y)
+                        loss = outp.loss + outp.aux_loss
+                        (loss / tc.grad_accum).backward()
                     loss_sum += float(outp.loss.detach())
                     aux_sum += float(outp.aux_loss.detach())
+                if dist is not None:  # the global batch's mean, as one process would log it
+                    loss_sum, aux_sum = (
+                        v / world for v in dist.all_reduce_sum([loss_sum, aux_sum], "loss logging")
+                    )
                 gnorm = opt.clip_grad_norm()
                 opt.step()
                 opt.zero_grad()
+                if dist is not None:
+                    sync_router_loads(model, dist)
                 model.update_router_biases()
                 dt = time.perf_counter() - t0
                 step_times.append(dt)
@@ -403,14 +521,20 @@ def train(
                     "wait_s": wait,
                     "tokens_per_s": tokens_per_step / dt,
                 }
+                if sharded:  # this rank's row exchange during the step (see ExchangeStats)
+                    now = _exchange_totals(sharded)
+                    rec.update({k: now[k] - exchanged[k] for k in now})
                 last = step + 1 == end
                 final = step + 1 == tc.steps
                 if final or (tc.eval_every and (step + 1) % tc.eval_every == 0):
                     n_batches = tc.final_eval_batches if final else tc.eval_batches
-                    val_loss = evaluate(model, data.val_batches(n_batches), indexer, tc.bf16)
+                    val_loss = evaluate(
+                        model, data.val_batches(n_batches), indexer, tc.bf16, dist=dist
+                    )
                     rec["val_loss"] = val_loss
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                if log is not None:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
                 history.append(rec)
                 bar.update(1)
                 post = {"loss": f"{train_loss:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
@@ -418,17 +542,23 @@ def train(
                     post["val"] = f"{val_loss:.3f}"
                 bar.set_postfix(post, refresh=False)
                 if last or (tc.ckpt_every and (step + 1) % tc.ckpt_every == 0):
-                    ckpt_path = save_checkpoint(
-                        ckpt_root, step + 1, model, opt.state_dict(), state_json(),
-                        keep=tc.keep_checkpoints, tables=disk_tables,
-                    )  # fmt: skip
+                    if dist is not None:
+                        ckpt_path = save_distributed_checkpoint(
+                            ckpt_root, step + 1, model, opt.state_dict(), state_json(),
+                            dist, sharded, keep=tc.keep_checkpoints,
+                        )  # fmt: skip
+                    else:
+                        ckpt_path = save_checkpoint(
+                            ckpt_root, step + 1, model, opt.state_dict(), state_json(),
+                            keep=tc.keep_checkpoints, tables=disk_tables,
+                        )  # fmt: skip
     finally:
         loader.close()
         bar.close()
         for t in disk_tables.values():
             t.close()
 
-    if end == tc.steps:
+    if end == tc.steps and main:
         from engram.plots import plot_loss_curves
 
         plot_loss_curves({cfg.name: read_metrics(metrics_path)}, out / "loss.png")

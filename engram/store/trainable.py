@@ -24,7 +24,6 @@ Design choices:
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor
 
 from engram.atomic import atomic_open
+from engram.optim import coalesce_rows, sparse_adam_rows
 from engram.store.mmap import MmapRowStore
 from engram.store.tablefile import TableFileError, write_table
 
@@ -189,26 +189,12 @@ class DiskTrainedStore:
         rows = torch.cat([r for r, _ in self._pending])  # (N,)
         grads = torch.cat([g.reshape(-1, self.dim) for _, g in self._pending])  # (N, dim)
         self._pending.clear()
-        # Sum duplicate rows exactly as SparseAdam does (coalescing a sparse gradient); the
-        # sparse tensor's size is logical only, nothing of size num_rows is allocated.
-        sparse = torch.sparse_coo_tensor(
-            rows.unsqueeze(0), grads, (self.num_rows, self.dim), check_invariants=False
-        )
-        sparse = sparse.coalesce()
-        uniq, grad = sparse.indices()[0], sparse.values()  # (U,), (U, dim)
-        beta1, beta2 = betas
+        uniq, grad = coalesce_rows(rows, grads, self.num_rows)  # (U,), (U, dim)
         self.step_count += 1
-        m_old = self.parts["exp_avg"].gather(uniq)  # (U, dim)
-        v_old = self.parts["exp_avg_sq"].gather(uniq)
-        m_upd = grad.sub(m_old).mul_(1 - beta1)
-        v_upd = grad.pow(2).sub_(v_old).mul_(1 - beta2)
-        m_new, v_new = m_old + m_upd, v_old + v_upd
-        numer = m_upd.add_(m_old)
-        denom = v_upd.add_(v_old).sqrt_().add_(eps)
-        bc1 = 1 - beta1**self.step_count
-        bc2 = 1 - beta2**self.step_count
-        step_size = lr * math.sqrt(bc2) / bc1
-        w_new = self.weight.gather(uniq) + (-step_size * numer.div_(denom))
+        w_new, m_new, v_new = sparse_adam_rows(
+            grad, self.weight.gather(uniq), self.parts["exp_avg"].gather(uniq),
+            self.parts["exp_avg_sq"].gather(uniq), self.step_count, lr, betas, eps,
+        )  # fmt: skip
         self.weight.write_rows(uniq, w_new)
         self.parts["exp_avg"].write_rows(uniq, m_new)
         self.parts["exp_avg_sq"].write_rows(uniq, v_new)

@@ -1,0 +1,78 @@
+"""Make a built model distributed from outside: sharded tables, DDP on the dense parameters.
+
+Design choices:
+- Tables are never built whole: `sharded_stores` is handed to `engram.train.build_run` as the
+  Engram layers' stores, so each rank allocates only its rows (and draws them from the same
+  stream a single process would, see `engram.store.sharded`).
+- Dense parameters are replicated with `DistributedDataParallel` on the context's `group`;
+  the tables are not parameters, so DDP never sees them. A model with experts can leave an
+  expert without tokens on one rank, so MoE models set `find_unused_parameters`.
+- Things that are not gradients but must agree across ranks are synchronised explicitly:
+  the MoE load counts behind the router-bias update are summed before `update_router_biases`,
+  so every rank (and a single process on the whole batch) applies the same bias step.
+- The per-rank slice of a batch is the contiguous block `rank` of W along the batch axis, so
+  the union over ranks is exactly the single-process batch, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from engram.indexer import NgramIndexer
+from engram.parallel.context import DistContext, collective_errors
+from engram.store.sharded import ShardedRowStore
+
+
+def sharded_stores(
+    ctx: DistContext, layer_ids: tuple[int, ...], head_dim: int, engram_seed: int, table_std: float
+) -> Callable[[NgramIndexer], dict[int, ShardedRowStore]]:
+    """Stores for `build_run(stores=...)`: this rank's shard of every Engram layer's table.
+
+    Seeds and std are those of the in-RAM default (`engram_seed + layer_id`, `table_std`).
+    """
+
+    def make(indexer: NgramIndexer) -> dict[int, ShardedRowStore]:
+        stores = {}
+        for lid in layer_ids:
+            stores[lid] = ShardedRowStore(
+                sum(indexer.hasher.flat_table_sizes(lid)), head_dim, ctx.table_group,
+                std=table_std, seed=engram_seed + lid, device=ctx.device, check_bounds=False,
+            )  # fmt: skip
+        return stores
+
+    return make
+
+
+def parallelize(model: nn.Module, ctx: DistContext) -> DistributedDataParallel:
+    """Wrap `model`'s dense parameters in DDP over `ctx.group` (tables stay sharded)."""
+    has_moe = any(True for _ in getattr(model, "moe_layers", lambda: iter(()))())
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(
+        model, device_ids=device_ids, process_group=ctx.group,
+        find_unused_parameters=has_moe, broadcast_buffers=False,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def sync_router_loads(model: nn.Module, ctx: DistContext) -> None:
+    """Sum every MoE's load counts over ranks (call before `update_router_biases`)."""
+    loads = [moe.load_counts for moe in getattr(model, "moe_layers", lambda: iter(()))()]
+    if not loads:
+        return
+    flat = torch.cat(loads)
+    with collective_errors(ctx, "the router-load all-reduce"):
+        dist.all_reduce(flat, group=ctx.group)
+    offset = 0
+    for load in loads:
+        load.copy_(flat[offset : offset + load.numel()])
+        offset += load.numel()
+
+
+def rank_slice(t: Tensor, ctx: DistContext) -> Tensor:
+    """This rank's contiguous block of `t` along dim 0 (the last blocks may be shorter)."""
+    return torch.tensor_split(t, ctx.world_size)[ctx.rank]
