@@ -21,11 +21,16 @@ Design choices:
   CPU (stable sort, sequential index_add_).
 - Shared experts are one SwiGLU of hidden size n_shared*d_expert: the same function and the same
   parameter count as n_shared separate experts whose outputs are summed.
-- Distributed training must all-reduce `load_counts` before `update_router_bias`.
+- Distributed training must all-reduce `load_counts` before `update_router_bias`, and may set
+  `count_reducer` (a function summing a tensor over the data-parallel ranks, installed from
+  outside by `engram.parallel`): the balance loss then uses the global batch's f_i, and with
+  equal-sized rank batches the mean of the ranks' losses (what DDP's gradient averaging sees)
+  is exactly the single-process loss on the whole batch. The model itself knows no ranks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +87,9 @@ class MoE(nn.Module):
         self.register_buffer("router_bias", torch.zeros(E))
         # Tokens routed to each expert since the last bias update (training forwards only).
         self.register_buffer("load_counts", torch.zeros(E), persistent=False)
+        # Sums per-expert counts over data-parallel ranks for the balance loss (None: this
+        # process's batch is the whole batch).
+        self.count_reducer: Callable[[Tensor], Tensor] | None = None
 
     def route(self, x: Tensor) -> Routing:
         """x (N, D) -> the top-k experts per token and their mixing weights."""
@@ -100,7 +108,11 @@ class MoE(nn.Module):
         if self.aux_loss_coef == 0 or scores.shape[0] == 0:
             return scores.new_zeros(())
         N, k = routing.indices.shape
-        f = counts.float() / (N * k)  # (E,) fraction of assignments
+        if self.count_reducer is None:
+            f = counts.float() / (N * k)  # (E,) fraction of assignments
+        else:  # the global batch's fractions
+            total = self.count_reducer(counts)  # (E,) summed over ranks
+            f = total.float() / total.sum()
         probs = scores if self.score_fn == "softmax" else scores / scores.sum(-1, keepdim=True)
         P = probs.mean(dim=0)  # (E,)
         return self.aux_loss_coef * self.n_experts * (f * P).sum()

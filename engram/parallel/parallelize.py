@@ -9,7 +9,10 @@ Design choices:
   expert without tokens on one rank, so MoE models set `find_unused_parameters`.
 - Things that are not gradients but must agree across ranks are synchronised explicitly:
   the MoE load counts behind the router-bias update are summed before `update_router_biases`,
-  so every rank (and a single process on the whole batch) applies the same bias step.
+  so every rank (and a single process on the whole batch) applies the same bias step; and each
+  MoE gets a `count_reducer`, so its balance loss uses the global batch's expert fractions
+  (one E-element all-reduce per MoE layer per forward) and the ranks' mean loss is the
+  single-process loss, not a mean of per-rank balance terms.
 - The per-rank slice of a batch is the contiguous block `rank` of W along the batch axis, so
   the union over ranks is exactly the single-process batch, in order.
 """
@@ -49,13 +52,29 @@ def sharded_stores(
 
 
 def parallelize(model: nn.Module, ctx: DistContext) -> DistributedDataParallel:
-    """Wrap `model`'s dense parameters in DDP over `ctx.group` (tables stay sharded)."""
-    has_moe = any(True for _ in getattr(model, "moe_layers", lambda: iter(()))())
+    """Wrap `model`'s dense parameters in DDP over `ctx.group` (tables stay sharded).
+
+    Also installs the global-batch expert-count reducer on every MoE layer.
+    """
+    moes = list(getattr(model, "moe_layers", lambda: iter(()))())
+    for moe in moes:
+        moe.count_reducer = _count_reducer(ctx)
+    has_moe = bool(moes)
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(
         model, device_ids=device_ids, process_group=ctx.group,
-        find_unused_parameters=has_moe, broadcast_buffers=False,
+        find_unused_parameters=has_moe, forward_sync_buffers=False,
     )  # fmt: skip
+
+
+def _count_reducer(ctx: DistContext) -> Callable[[Tensor], Tensor]:
+    def reduce(counts: Tensor) -> Tensor:  # (E,) this rank's -> (E,) summed over ranks
+        total = counts.detach().clone()
+        with collective_errors(ctx, "the MoE balance-loss count all-reduce"):
+            dist.all_reduce(total, group=ctx.group)
+        return total
+
+    return reduce
 
 
 @torch.no_grad()
