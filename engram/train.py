@@ -308,7 +308,10 @@ def load_trained(
 
 def _exchange_totals(stores: Mapping[int, ShardedRowStore]) -> dict[str, float]:
     """Bytes this rank sent to other ranks and seconds spent exchanging, over all tables."""
-    keys = ("id_bytes_sent", "row_bytes_sent", "grad_bytes_sent", "forward_s", "backward_s")
+    keys = (
+        "ids", "unique_ids", "remote_ids", "id_bytes_sent", "row_bytes_sent", "grad_bytes_sent",
+        "forward_s", "backward_s",
+    )  # fmt: skip
     stats = [s.stats.as_dict() for s in stores.values()]
     return {f"xchg_{k}": sum(st[k] for st in stats) for k in keys}
 

@@ -235,6 +235,15 @@ def test_two_ranks_match_one_process(runs):
     assert all(r["xchg_row_bytes_sent"] > 0 and r["xchg_grad_bytes_sent"] > 0 for r in records)
 
 
+def test_sharded_tables_export_and_generate_in_one_process(runs, tmp_path):
+    from engram.store.export import export_tables, read_tables
+
+    parts, _ = load_trained(runs["two"])
+    files = export_tables(runs["two"], tmp_path / "tables")
+    exported = read_tables(list(files.values()))
+    assert torch.equal(exported[1], parts.model.blocks[1].engram.store.weight.detach())
+
+
 def test_saved_on_two_ranks_resumes_on_one(runs, tmp_path):
     cut = _cut_to_step(runs["two"], tmp_path / "cut", 3)
     cfg = json.loads(runs["cfg"].read_text())

@@ -98,6 +98,7 @@ def export_tables(
 
     model_file = ckpt.path / MODEL_FILE
     disk_tables = ckpt.state.get("tables", {})  # tables trained on disk live in table files
+    sharded = ckpt.state.get("sharded_tables", {})  # a distributed run's per-rank shards
     written: dict[int, Path] = {}
     with safe_open(str(model_file), framework="pt") as f:
         keys = set(f.keys())
@@ -109,6 +110,15 @@ def export_tables(
                 store = MmapRowStore(ckpt.path / key, expected_fingerprint=fingerprint)
                 num_rows, dim, source_dtype = store.num_rows, store.dim, store.storage_dtype
                 source = store.read_range
+
+            elif str(lid) in sharded:
+                from engram.parallel.tables import TableRows  # (imports the store package)
+
+                rows = TableRows(ckpt, lid, tuple(layer_ids))
+                num_rows, dim, source_dtype = rows.num_rows, rows.dim, "F32"
+
+                def source(a: int, b: int, rows: TableRows = rows) -> Tensor:
+                    return rows.read("weight", a, b)
 
             elif key not in keys:
                 near = sorted(k for k in keys if ".engram.store" in k)

@@ -1,0 +1,130 @@
+"""Distributed training on this machine: row exchange volume and the time split, 1 vs 2 processes.
+
+Runs the same config three ways, one after the other from this one script:
+  - `plain`: one process, `engram.train.train` with the table in RAM (the yardstick);
+  - `nproc=1`: the distributed code path on one rank (gloo; every lookup is a local all-to-all);
+  - `nproc=2`: two ranks, tables row-sharded, DDP on the dense weights (`engram train --nproc 2`).
+Each run logs, per step, what rank 0 sent to the other rank and how long its exchanges took
+(`xchg_*` in metrics.jsonl, from `ShardedRowStore.stats`). This prints per-step medians:
+  - bytes sent to other ranks (ids, rows served, row gradients) against the ideal: the unique
+    rows this rank needed from other ranks times the row size (dedup makes rows == ideal); and
+    against what an exchange without deduplication would send (every looked-up id);
+  - the step split into lookup exchange (3 all-to-alls), gradient exchange (1 all-to-all in
+    backward) and the rest (compute, including DDP's dense all-reduce, overlapped with backward);
+  - tokens/s against the plain run, and the final loss of each run (they agree).
+
+Usage: python benchmarks/bench_distributed.py [--steps 30] [--preset demo-engram] [--set K=V ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from engram.presets import preset
+from engram.run_config import apply_overrides
+
+SKIP = 3  # first steps pay one-off allocation and connection costs
+
+
+def _run(kind: str, cfg_path: Path, out: Path) -> float:
+    cmd = [sys.executable, "-m", "engram", "train", "--config", str(cfg_path), "--out", str(out),
+           "--no-progress"]  # fmt: skip
+    if kind != "plain":
+        cmd += ["--nproc", kind.split("=")[1]]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{r.stdout}\n{r.stderr}")
+    return time.perf_counter() - t0
+
+
+def _median(records: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in records[SKIP:])
+
+
+def _ratio(a: float, ideal: float) -> str:
+    return f"{a / ideal:.2f}x" if ideal else "-"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--preset", default="demo-engram")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+    cfg = apply_overrides(
+        preset(args.preset),
+        [f"train.steps={args.steps}", "train.eval_every=0", "train.final_eval_batches=4",
+         "train.ckpt_every=0", *args.set],
+    )  # fmt: skip
+    assert cfg.engram is not None, "the benchmark needs an Engram model"
+    e = cfg.engram
+    row_bytes = e.head_dim * 4
+    print(
+        f"config {cfg.name}: batch {cfg.data.batch_size} x {cfg.data.seq_len} tokens (global), "
+        f"Engram layers {list(e.layer_ids)}, rows of {e.head_dim} fp32 ({row_bytes} B), "
+        f"{args.steps} steps (medians over steps {SKIP + 1}..{args.steps}); "
+        f"{os.cpu_count()} cores"
+    )
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path = Path(tmp) / "cfg.json"
+        cfg.save(cfg_path)
+        for kind in ("plain", "nproc=1", "nproc=2"):
+            out = Path(tmp) / kind.replace("=", "")
+            wall = _run(kind, cfg_path, out)
+            records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            runs[kind] = (records, wall)
+
+    base_step = _median(runs["plain"][0], "step_s")
+    print()
+    print("| run | step ms | tokens/s | vs plain | lookup exchange ms | gradient exchange ms "
+          "| rest (compute + dense all-reduce) ms | final loss |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for kind, (records, _) in runs.items():
+        step = _median(records, "step_s")
+        tok = _median(records, "tokens_per_s")
+        fwd = _median(records, "xchg_forward_s") if "xchg_forward_s" in records[0] else 0.0
+        bwd = _median(records, "xchg_backward_s") if "xchg_backward_s" in records[0] else 0.0
+        print(
+            f"| {kind} | {step * 1e3:.1f} | {tok:,.0f} | {base_step / step:.2f}x | "
+            f"{fwd * 1e3:.2f} | {bwd * 1e3:.2f} | {(step - fwd - bwd) * 1e3:.1f} | "
+            f"{records[-1]['loss']:.5f} |"
+        )
+
+    print()
+    print("| run (rank 0, per step) | ids looked up | unique | remote unique | bytes sent: ids "
+          "| rows | grads | total | ideal (remote unique x row) | rows / ideal "
+          "| total / ideal | no-dedup rows (remote ids x row) |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for kind in ("nproc=1", "nproc=2"):
+        records = runs[kind][0]
+        ids = _median(records, "xchg_ids")
+        uniq = _median(records, "xchg_unique_ids")
+        remote = _median(records, "xchg_remote_ids")
+        idb = _median(records, "xchg_id_bytes_sent")
+        rowb = _median(records, "xchg_row_bytes_sent")
+        gradb = _median(records, "xchg_grad_bytes_sent")
+        total = idb + rowb + gradb
+        ideal = remote * row_bytes
+        world = int(kind.split("=")[1])
+        no_dedup = ids * (world - 1) / world * row_bytes  # ids owned elsewhere, duplicates kept
+        print(
+            f"| {kind} | {ids:,.0f} | {uniq:,.0f} | {remote:,.0f} | {idb:,.0f} | {rowb:,.0f} | "
+            f"{gradb:,.0f} | {total:,.0f} | {ideal:,.0f} | {_ratio(rowb, ideal)} | {_ratio(total, ideal)} | "
+            f"{no_dedup:,.0f} |"
+        )
+    losses = [runs[k][0][-1]["loss"] for k in runs]
+    print(f"\nfinal training losses agree to {max(losses) - min(losses):.2e} (abs)")
+
+
+if __name__ == "__main__":
+    main()
