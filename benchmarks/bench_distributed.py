@@ -6,9 +6,9 @@ Runs the same config three ways, one after the other from this one script:
   - `nproc=2`: two ranks, tables row-sharded, DDP on the dense weights (`engram train --nproc 2`).
 Each run logs, per step, what rank 0 sent to the other rank and how long its exchanges took
 (`xchg_*` in metrics.jsonl, from `ShardedRowStore.stats`). This prints per-step medians:
-  - bytes sent to other ranks (ids, rows served, row gradients) against the ideal: the unique
-    rows this rank needed from other ranks times the row size (dedup makes rows == ideal); and
-    against what an exchange without deduplication would send (every looked-up id);
+  - rows received from the other rank against the ideal, the unique rows this rank needed from
+    it times the row size, and against an exchange without deduplication (every looked-up id
+    owned elsewhere); and everything this rank sent (ids, rows it served, row gradients);
   - the step split into lookup exchange (3 all-to-alls), gradient exchange (1 all-to-all in
     backward) and the rest (compute, including DDP's dense all-reduce, overlapped with backward);
   - tokens/s against the plain run, and the final loss of each run (they agree).
@@ -101,29 +101,31 @@ def main() -> None:
         )
 
     print()
-    print("| run (rank 0, per step) | ids looked up | unique | remote unique | bytes sent: ids "
-          "| rows | grads | total | ideal (remote unique x row) | rows / ideal "
-          "| total / ideal | no-dedup rows (remote ids x row) |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| rank 0, per step | ids looked up | unique | unique on the other rank | rows received "
+          "| ideal (unique remote x row) | received / ideal | without dedup (remote ids x row) "
+          "| sent: ids + rows + grads | sent / ideal |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for kind in ("nproc=1", "nproc=2"):
         records = runs[kind][0]
-        ids = _median(records, "xchg_ids")
-        uniq = _median(records, "xchg_unique_ids")
-        remote = _median(records, "xchg_remote_ids")
-        idb = _median(records, "xchg_id_bytes_sent")
-        rowb = _median(records, "xchg_row_bytes_sent")
-        gradb = _median(records, "xchg_grad_bytes_sent")
-        total = idb + rowb + gradb
-        ideal = remote * row_bytes
-        world = int(kind.split("=")[1])
-        no_dedup = ids * (world - 1) / world * row_bytes  # ids owned elsewhere, duplicates kept
+        m = {k: _median(records, f"xchg_{k}") for k in (
+            "ids", "unique_ids", "remote_ids", "remote_ids_dup", "id_bytes_sent",
+            "row_bytes_sent", "row_bytes_received", "grad_bytes_sent",
+        )}  # fmt: skip
+        ideal = m["remote_ids"] * row_bytes
+        sent = m["id_bytes_sent"] + m["row_bytes_sent"] + m["grad_bytes_sent"]
         print(
-            f"| {kind} | {ids:,.0f} | {uniq:,.0f} | {remote:,.0f} | {idb:,.0f} | {rowb:,.0f} | "
-            f"{gradb:,.0f} | {total:,.0f} | {ideal:,.0f} | {_ratio(rowb, ideal)} | {_ratio(total, ideal)} | "
-            f"{no_dedup:,.0f} |"
+            f"| {kind} | {m['ids']:,.0f} | {m['unique_ids']:,.0f} | {m['remote_ids']:,.0f} | "
+            f"{m['row_bytes_received']:,.0f} B | {ideal:,.0f} B | "
+            f"{_ratio(m['row_bytes_received'], ideal)} | {m['remote_ids_dup'] * row_bytes:,.0f} B "
+            f"| {m['id_bytes_sent']:,.0f} + {m['row_bytes_sent']:,.0f} + "
+            f"{m['grad_bytes_sent']:,.0f} = {sent:,.0f} B | {_ratio(sent, ideal)} |"
         )
-    losses = [runs[k][0][-1]["loss"] for k in runs]
-    print(f"\nfinal training losses agree to {max(losses) - min(losses):.2e} (abs)")
+    print()
+    for step in (1, 5, len(runs["plain"][0])):
+        losses = {k: runs[k][0][step - 1]["loss"] for k in runs}
+        spread = max(losses.values()) - min(losses.values())
+        print(f"training loss at step {step}: " + ", ".join(
+            f"{k} {v:.6f}" for k, v in losses.items()) + f" (spread {spread:.1e})")  # fmt: skip
 
 
 if __name__ == "__main__":

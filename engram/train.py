@@ -309,8 +309,8 @@ def load_trained(
 def _exchange_totals(stores: Mapping[int, ShardedRowStore]) -> dict[str, float]:
     """Bytes this rank sent to other ranks and seconds spent exchanging, over all tables."""
     keys = (
-        "ids", "unique_ids", "remote_ids", "id_bytes_sent", "row_bytes_sent", "grad_bytes_sent",
-        "forward_s", "backward_s",
+        "ids", "unique_ids", "remote_ids", "remote_ids_dup", "id_bytes_sent", "row_bytes_sent",
+        "row_bytes_received", "grad_bytes_sent", "forward_s", "backward_s",
     )  # fmt: skip
     stats = [s.stats.as_dict() for s in stores.values()]
     return {f"xchg_{k}": sum(st[k] for st in stats) for k in keys}

@@ -73,6 +73,9 @@ def main(num_rows: int, dim: int, steps: int) -> None:
         assert after["id_bytes_sent"] - before["id_bytes_sent"] == remote * 8
         assert after["row_bytes_sent"] - before["row_bytes_sent"] == served * dim * 4
         assert after["grad_bytes_sent"] - before["grad_bytes_sent"] == remote * dim * 4
+        assert after["row_bytes_received"] - before["row_bytes_received"] == remote * dim * 4
+        dup = sum(int((sharding.owner(pr[rank]) != rank).sum()) for pr, _ in lookups)
+        assert after["remote_ids_dup"] - before["remote_ids_dup"] == dup
         assert after["unique_ids"] - before["unique_ids"] == sum(u.numel() for u in uniq)
 
         # The reference: one process, the whole global batch, loss = mean of the ranks' losses.

@@ -96,8 +96,10 @@ class ExchangeStats:
     ids: int = 0  # ids looked up, duplicates included
     unique_ids: int = 0  # after deduplication: the rows this rank needed
     remote_ids: int = 0  # unique ids owned by another rank (sent out)
+    remote_ids_dup: int = 0  # ids owned by another rank counting repeats (no-dedup traffic)
     id_bytes_sent: int = 0  # ids sent to other owners
     row_bytes_sent: int = 0  # rows this rank served to other ranks
+    row_bytes_received: int = 0  # rows other ranks served to this one
     grad_bytes_sent: int = 0  # gradients this rank sent to other owners
     forward_s: float = 0.0  # wall time of the forward exchange (3 all-to-alls + local gather)
     backward_s: float = 0.0  # wall time of the gradient exchange
@@ -213,9 +215,11 @@ class ShardedRowStore:
         if self.check_bounds:
             check_row_ids(rows, self.num_rows, what="ShardedRowStore.gather")
         flat = rows.reshape(-1).to(self.device, torch.long)  # (N,)
-        uniq, inverse = torch.unique(flat, sorted=True, return_inverse=True)  # (U,), (N,)
+        uniq, inverse, repeats = torch.unique(
+            flat, sorted=True, return_inverse=True, return_counts=True
+        )  # (U,), (N,), (U,)
         t0 = time.perf_counter()
-        plan = self._plan(uniq)
+        plan = self._plan(uniq, repeats)
         if torch.is_grad_enabled():
             vals = _ShardedLookup.apply(self.anchor, plan, self)  # (U, dim)
         else:
@@ -244,10 +248,11 @@ class ShardedRowStore:
             )
 
     # ---------------------------------------------------------------------------- exchange
-    def _plan(self, uniq: Tensor) -> _Plan:
+    def _plan(self, uniq: Tensor, repeats: Tensor) -> _Plan:
         """Two all-to-alls: per-owner counts, then the sorted unique ids split by owner."""
         W = self.world_size
-        send = self.sharding.counts(uniq)  # (W,)
+        owner = self.sharding.owner(uniq)  # (U,)
+        send = torch.bincount(owner, minlength=W)  # (W,)
         recv = torch.empty_like(send)
         _all_to_all(recv, send, [1] * W, [1] * W, self.group)
         send_counts, recv_counts = send.tolist(), recv.tolist()
@@ -255,6 +260,7 @@ class ShardedRowStore:
         _all_to_all(asked, uniq, recv_counts, send_counts, self.group)
         remote = sum(send_counts) - send_counts[self.rank]
         self.stats.remote_ids += remote
+        self.stats.remote_ids_dup += int(repeats[owner != self.rank].sum())
         self.stats.id_bytes_sent += remote * uniq.element_size()
         return _Plan(send_counts, recv_counts, asked - self.start)
 
@@ -264,7 +270,9 @@ class ShardedRowStore:
         out = local.new_empty(sum(plan.send_counts), self.dim)  # (U, dim)
         _all_to_all(out, local, plan.send_counts, plan.recv_counts, self.group)
         served_remote = sum(plan.recv_counts) - plan.recv_counts[self.rank]
-        self.stats.row_bytes_sent += served_remote * self.dim * local.element_size()
+        row = self.dim * local.element_size()
+        self.stats.row_bytes_sent += served_remote * row
+        self.stats.row_bytes_received += (sum(plan.send_counts) - plan.send_counts[self.rank]) * row
         return out
 
     def _return_grad(self, plan: _Plan, grad: Tensor) -> None:
