@@ -155,11 +155,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         if args.nproc < 1:
             raise CLIError(f"--nproc must be >= 1, got {args.nproc}")
-        if cfg.data.batch_size % args.nproc:
-            raise CLIError(
-                f"data.batch_size={cfg.data.batch_size} is the global batch and must split over "
-                f"--nproc {args.nproc} ranks; use a multiple of {args.nproc}"
-            )
+        from engram.data import check_shard
+
+        check_shard(cfg.data.batch_size, 0, args.nproc)  # before starting any worker
         try:
             launch(args.nproc, _without_nproc(args.argv))
         except LaunchError as e:

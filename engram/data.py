@@ -1018,8 +1018,8 @@ def check_shard(batch_size: int, rank: int, world_size: int) -> None:
         )
     if batch_size % world_size:
         raise DataError(
-            f"data.batch_size={batch_size} (the global batch) does not split over {world_size} "
-            f"ranks; use a multiple of {world_size}"
+            f"data.batch_size={batch_size} is the global batch and must split over {world_size} "
+            f"ranks (--nproc {world_size}); use a multiple of {world_size}"
         )
 
 

@@ -50,7 +50,7 @@ from engram.checkpoint import (
     set_rng_state,
 )
 from engram.compress import TokenizerCompressor
-from engram.data import BatchLoader, DataSplits, prepare_data
+from engram.data import BatchLoader, DataSplits, check_shard, prepare_data
 from engram.indexer import NgramIndexer
 from engram.model import EngramLM, ParamCounts
 from engram.optim import build_optimizer, lr_multiplier
@@ -390,11 +390,7 @@ def train(
                 "train.table_store='mmap' trains in one process; a distributed run shards its "
                 "tables over the ranks' memory (use train.table_store='ram')"
             )
-        if cfg.data.batch_size % dist.world_size:
-            raise ConfigError(
-                f"data.batch_size={cfg.data.batch_size} is the global batch and must split over "
-                f"{dist.world_size} ranks; use a multiple of {dist.world_size}"
-            )
+        check_shard(cfg.data.batch_size, dist.rank, dist.world_size)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / CONFIG_FILE)

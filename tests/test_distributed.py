@@ -74,10 +74,10 @@ def _start_ranks(
             cache_dir, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE=str(world),
             RANK=str(rank), LOCAL_RANK=str(rank),
         )  # fmt: skip
-        log = open(log_dir / f"rank{rank}.log", "w")  # noqa: SIM115 (closed with the process)
-        procs.append(
-            subprocess.Popen([sys.executable, *argv], env=env, stdout=log, stderr=log, cwd=REPO)
-        )
+        with open(log_dir / f"rank{rank}.log", "w") as log:  # the child keeps its own copy
+            procs.append(
+                subprocess.Popen([sys.executable, *argv], env=env, stdout=log, stderr=log, cwd=REPO)
+            )
     return procs
 
 
@@ -169,7 +169,7 @@ def test_rank_blocks_make_the_global_batch(cache_dir):
     assert np.array_equal(np.concatenate([p[1] for p in parts]), full[1])
     with BatchLoader(splits, cfg.data, None, start_step=5, seed=3, rank=1, world_size=2) as ld:
         assert np.array_equal(next(ld).x.numpy(), full[0][2:])
-    with pytest.raises(DataError, match=r"batch_size=4 .* over 3 ranks"):
+    with pytest.raises(DataError, match=r"batch_size=4 is the global batch .* over 3 ranks"):
         splits.train.train_batch(0, 4, 32, rank=0, world_size=3)
 
 

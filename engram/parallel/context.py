@@ -137,7 +137,4 @@ def collective_errors(ctx: DistContext, phase: str) -> Iterator[None]:
 
 def _looks_distributed(e: BaseException) -> bool:
     text = str(e).lower()
-    return any(
-        w in text
-        for w in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "store")
-    )
+    return any(w in text for w in ("gloo", "nccl", "connection", "timed out", "peer"))
