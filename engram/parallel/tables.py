@@ -201,10 +201,6 @@ def assembled_table_optimizer(
     return {"state": state, "param_groups": param_groups}
 
 
-def is_sharded(ckpt: Checkpoint) -> bool:
-    return bool(ckpt.state.get(SHARDED_KEY))
-
-
 def save_distributed_checkpoint(
     ckpt_root: str | os.PathLike[str],
     step: int,
