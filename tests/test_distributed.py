@@ -188,6 +188,14 @@ def test_cli_refuses_a_batch_that_does_not_split(cache_dir, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_launcher_reports_the_failed_workers(cache_dir, tmp_path):
+    r = _engram(["train", "--preset", "tiny-engram", "--out", str(tmp_path / "r"), "--nproc", "2",
+                 "--set", "train.table_store=mmap", "--no-progress"], cache_dir, timeout=120)  # fmt: skip
+    assert r.returncode == 2
+    assert "train.table_store='mmap' trains in one process" in r.stderr  # each worker's refusal
+    assert "distributed run failed: rank" in r.stderr and "exit code 2" in r.stderr
+
+
 # ------------------------------------------------------------------------- the store itself
 @pytest.mark.parametrize(("world", "num_rows"), [(2, 101), (3, 2)], ids=["2-ranks", "empty-shard"])
 def test_sharded_store_agrees_with_one_table(world, num_rows, cache_dir, tmp_path):

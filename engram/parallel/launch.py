@@ -45,10 +45,15 @@ def launch(nproc: int, argv: Sequence[str], monitor_interval_s: float = 0.2) -> 
     try:
         run(args)
     except ChildFailedError as e:
-        failed = ", ".join(
-            f"rank {rank} (exit code {f.exitcode})" for rank, f in e.failures.items()
-        )
+        rank, first = e.get_first_failure()
+        how = (
+            f"killed by signal {-first.exitcode}" if first.exitcode < 0
+            else f"exit code {first.exitcode}"
+        )  # fmt: skip
+        others = sorted(r for r in e.failures if r != rank)
         raise LaunchError(
-            f"distributed run failed: {failed}; the other workers were stopped. The last "
-            "committed checkpoint is intact: rerun the same command to resume"
+            f"distributed run failed: rank {rank} failed first ({how})"
+            + (f", then ranks {others} stopped" if others else "")
+            + "; every worker has stopped. The last committed checkpoint is intact: rerun the "
+            "same command to resume"
         ) from None
