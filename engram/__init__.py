@@ -10,6 +10,9 @@ background-hashing loader), ``optim``, ``checkpoint``, ``train`` (the loop), ``p
 
 Serving: ``generate`` (KV-cache decoding with streaming hashing), ``serving`` (tables in RAM or in
 table files behind a hot-row cache and background prefetch), ``store`` (the tiers themselves).
+
+Scale-out: ``parallel`` (torch.distributed: tables row-sharded over ranks with all-to-all
+lookups and gradients, dense weights with DDP, sharded checkpoints, the ``--nproc`` launcher).
 """
 
 from engram.compress import TokenizerCompressor

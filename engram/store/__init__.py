@@ -11,6 +11,7 @@ from engram.store.export import describe_table, export_tables, read_tables, tabl
 from engram.store.memory import MemoryRowStore
 from engram.store.mmap import MmapRowStore, create_table_file
 from engram.store.prefetch import Prefetcher, PrefetchHandle, PrefetchingStore, PrefetchStats
+from engram.store.sharded import ExchangeStats, RowSharding, ShardedRowStore
 from engram.store.tablefile import (
     TableFileError,
     TableHeader,
@@ -27,6 +28,7 @@ __all__ = [
     "CacheStats",
     "CachedRowStore",
     "DiskTrainedStore",
+    "ExchangeStats",
     "MemoryRowStore",
     "MmapRowStore",
     "PrefetchHandle",
@@ -34,7 +36,9 @@ __all__ = [
     "Prefetcher",
     "PrefetchingStore",
     "RowOutOfRangeError",
+    "RowSharding",
     "RowStore",
+    "ShardedRowStore",
     "TableFileError",
     "TableHeader",
     "check_row_ids",
