@@ -243,7 +243,21 @@ def test_two_ranks_match_one_process(runs):
     assert all(r["xchg_row_bytes_sent"] > 0 and r["xchg_grad_bytes_sent"] > 0 for r in records)
 
 
-def test_sharded_tables_export_and_generate_in_one_process(runs, tmp_path):
+def test_two_ranks_match_one_process_with_accumulation_and_branches(cache_dir, tmp_path):
+    # DDP's no_sync micro-steps, row gradients accumulated over micro-steps, hyper-connections.
+    cfg = apply_overrides(
+        tiny_engram(),
+        ["train.steps=3", "train.grad_accum=2", "model.hc_mult=4", "train.eval_every=0"],
+    )
+    train(cfg, tmp_path / "one", progress=False)
+    cfg.save(tmp_path / "cfg.json")
+    r = _engram(["train", "--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "two"),
+                 "--nproc", "2", "--no-progress"], cache_dir)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    _assert_close_losses(_losses(tmp_path / "one"), _losses(tmp_path / "two"))
+
+
+def test_sharded_tables_export_in_one_process(runs, tmp_path):
     from engram.store.export import export_tables, read_tables
 
     parts, _ = load_trained(runs["two"])
