@@ -10,7 +10,8 @@ Each run logs, per step, what rank 0 sent to the other rank and how long its exc
     it times the row size, and against an exchange without deduplication (every looked-up id
     owned elsewhere); and everything this rank sent (ids, rows it served, row gradients);
   - the step split into lookup exchange (3 all-to-alls), gradient exchange (1 all-to-all in
-    backward) and the rest (compute, including DDP's dense all-reduce, overlapped with backward);
+    backward) and the rest (compute, including DDP's dense all-reduce); and the all-reduce's own
+    in-flight time (issue to completion per bucket, summed: it overlaps backward) and bytes;
   - tokens/s against the plain run, and the final loss of each run (they agree).
 
 Usage: python benchmarks/bench_distributed.py [--steps 30] [--rounds 2] [--preset demo-engram]
@@ -91,17 +92,23 @@ def main() -> None:
     base_step = _median(runs["plain"], "step_s")
     print()
     print("| run | step ms | all rounds ms | tokens/s | vs plain | lookup exchange ms "
-          "| gradient exchange ms | rest (compute + dense all-reduce) ms | final loss |")  # fmt: skip
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| gradient exchange ms | rest (compute + dense all-reduce) ms "
+          "| dense all-reduce in flight ms (MB) | final loss |")  # fmt: skip
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for kind, records in runs.items():
         step = _median(records, "step_s")
         tok = _median(records, "tokens_per_s")
         fwd = _median(records, "xchg_forward_s") if "xchg_forward_s" in records[0] else 0.0
         bwd = _median(records, "xchg_backward_s") if "xchg_backward_s" in records[0] else 0.0
+        ddp = (
+            f"{_median(records, 'ddp_allreduce_s') * 1e3:.1f} "
+            f"({_median(records, 'ddp_allreduce_bytes') / 1e6:.1f})"
+            if "ddp_allreduce_s" in records[0] else "-"
+        )  # fmt: skip
         print(
             f"| {kind} | {step * 1e3:.1f} | {' / '.join(f'{t:.0f}' for t in spread[kind])} | "
             f"{tok:,.0f} | {base_step / step:.2f}x | "
-            f"{fwd * 1e3:.2f} | {bwd * 1e3:.2f} | {(step - fwd - bwd) * 1e3:.1f} | "
+            f"{fwd * 1e3:.2f} | {bwd * 1e3:.2f} | {(step - fwd - bwd) * 1e3:.1f} | {ddp} | "
             f"{records[-1]['loss']:.5f} |"
         )
 

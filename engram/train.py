@@ -56,6 +56,7 @@ from engram.model import EngramLM, ParamCounts
 from engram.optim import build_optimizer, lr_multiplier
 from engram.parallel.context import DistContext, collective_errors
 from engram.parallel.parallelize import (
+    DenseCommStats,
     parallelize,
     rank_slice,
     sharded_stores,
@@ -434,7 +435,8 @@ def train(
         metrics_path.unlink()
 
     counts = model.param_counts()
-    ddp = parallelize(model, dist) if dist is not None else None
+    dense_comm = DenseCommStats()
+    ddp = parallelize(model, dist, dense_comm) if dist is not None else None
     fwd = ddp if ddp is not None else model
     fwd = torch.compile(fwd) if tc.compile else fwd
     model.train()
@@ -479,6 +481,7 @@ def train(
                 opt.set_lr(lr_mult)
                 loss_sum = aux_sum = wait = 0.0
                 exchanged = _exchange_totals(sharded)
+                ddp_before = (dense_comm.seconds, dense_comm.bytes)
                 for micro in range(tc.grad_accum):
                     w0 = time.perf_counter()
                     batch = next(loader).to(device, non_blocking=True)
@@ -523,6 +526,9 @@ def train(
                 if sharded:  # this rank's row exchange during the step (see ExchangeStats)
                     now = _exchange_totals(sharded)
                     rec.update({k: now[k] - exchanged[k] for k in now})
+                if ddp is not None:  # DDP's dense all-reduce (in flight, overlapping backward)
+                    rec["ddp_allreduce_s"] = dense_comm.seconds - ddp_before[0]
+                    rec["ddp_allreduce_bytes"] = dense_comm.bytes - ddp_before[1]
                 last = step + 1 == end
                 final = step + 1 == tc.steps
                 if final or (tc.eval_every and (step + 1) % tc.eval_every == 0):

@@ -329,7 +329,7 @@ def test_lost_rank_stops_the_other_within_the_timeout(sig, cache_dir, tmp_path):
     assert code != 0
     assert waited < timeout_s + 30, waited
     assert "rank 0/2: a collective failed" in log, log[-2000:]
-    if sig == signal.SIGSTOP:
-        assert waited >= timeout_s - 1  # it waited for the timeout, then gave up
+    if sig == signal.SIGSTOP:  # nothing closed: it gave up because the timeout ran out
+        assert "timed out" in log.lower(), log[-2000:]
     _, ckpt = load_trained(run)  # the last committed checkpoint is whole
     assert ckpt.step >= 2 and ckpt.step % 2 == 0
