@@ -92,6 +92,11 @@ def init_from_env(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> 
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"train.device={device!r} but this machine has no CUDA device")
+        if local >= torch.cuda.device_count():
+            raise ValueError(
+                f"LOCAL_RANK={local} needs GPU {local}, but this machine has "
+                f"{torch.cuda.device_count()}; start at most that many processes per machine"
+            )
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
         backend = "nccl"
