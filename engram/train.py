@@ -18,6 +18,11 @@ Design choices:
   batches when the device is CUDA so the copies are asynchronous; autocast follows the device.
 - Timing: `step_s` covers forward, backward and the optimizer step of one optimizer step
   (including waiting for data); validation and checkpoint writes are excluded.
+- Distributed (`dist=`, see `engram.parallel`): the same loop on every rank. Each rank trains
+  on its block of the global batch with its shard of every table (`ShardedRowStore`) and the
+  dense weights in DDP; the logged losses are all-reduced to the global batch's mean, rank 0
+  alone writes metrics and commits checkpoints, and each step's record adds what this rank's
+  row exchange and DDP all-reduce sent and how long they took (`xchg_*`, `ddp_allreduce_*`).
 """
 
 from __future__ import annotations
