@@ -14,8 +14,13 @@ Each run logs, per step, what rank 0 sent to the other rank and how long its exc
     in-flight time (issue to completion per bucket, summed: it overlaps backward) and bytes;
   - tokens/s against the plain run, and the final loss of each run (they agree).
 
+With `--exchange`, instead: the row exchange alone on 2 ranks (gloo over loopback), unique
+ids from 1k to 256k per rank, to read off the all-to-all's fixed cost and bandwidth here
+(the constants of the README's scaling arithmetic).
+
 Usage: python benchmarks/bench_distributed.py [--steps 30] [--rounds 2] [--preset demo-engram]
        [--set K=V ...]
+       python benchmarks/bench_distributed.py --exchange [--dim 80]
 """
 
 from __future__ import annotations
@@ -49,6 +54,76 @@ def _median(records: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in records[SKIP:])
 
 
+def _exchange_worker(rank: int, world: int, port: int, dim: int, out: str) -> None:
+    """One rank of `--exchange`: time gather (3 all-to-alls) and its backward (1) per size."""
+    import torch
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    from engram.parallel import init_from_env, shutdown
+    from engram.store.sharded import ShardedRowStore
+
+    ctx = init_from_env("cpu", timeout_s=120)
+    num_rows = 4_000_000
+    store = ShardedRowStore(num_rows, dim, ctx.table_group, init=False, check_bounds=False)
+    store.weight.uniform_()  # touch every page: first-touch faults are not the exchange's cost
+    gen = torch.Generator().manual_seed(rank)
+    results = []
+    for n in (1_000, 4_000, 16_000, 64_000, 256_000):
+        fwd, bwd = [], []
+        draws = [torch.randperm(num_rows, generator=gen)[:n] for _ in range(12)]  # unique ids
+        for ids in draws:
+            ctx.barrier("benchmark")  # start together: the timings hold no rank skew
+            store.stats.reset()
+            rows = store.gather(ids)  # (n, dim)
+            rows.sum().backward()
+            store.zero_grad()
+            fwd.append(store.stats.forward_s)
+            bwd.append(store.stats.backward_s)
+        results.append(
+            {"n": n, "remote": store.stats.remote_ids, "row_bytes": store.stats.row_bytes_received,
+             "fwd_s": statistics.median(fwd[2:]), "bwd_s": statistics.median(bwd[2:])}
+        )  # fmt: skip
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    shutdown(ctx)
+
+
+def exchange_main(dim: int) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "exchange.json")
+        mp.spawn(_exchange_worker, args=(2, port, dim, out), nprocs=2, join=True)
+        results = json.loads(Path(out).read_text())
+    print(f"row exchange alone, 2 ranks over gloo loopback, rows of {dim} fp32 ({dim * 4} B), "
+          "1 thread each; medians of 10")  # fmt: skip
+    print()
+    print("| unique ids per rank | remote | rows received | lookup (3 all-to-alls + row gather) ms "
+          "| gradient (1 all-to-all) ms | gradient MB/s |")  # fmt: skip
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        mbps = r["row_bytes"] / r["bwd_s"] / 1e6
+        print(
+            f"| {r['n']:,} | {r['remote']:,} | {r['row_bytes'] / 1e6:.2f} MB | "
+            f"{r['fwd_s'] * 1e3:.2f} | {r['bwd_s'] * 1e3:.2f} | {mbps:,.0f} |"
+        )
+    rates = [r["row_bytes"] / r["bwd_s"] for r in results]
+    print(
+        f"\ngradient all-to-all: {results[0]['bwd_s'] * 1e3:.2f} ms at the smallest size (its "
+        f"fixed cost, a), peak {max(rates) / 1e9:.2f} GB/s, {rates[-1] / 1e9:.2f} GB/s at "
+        f"{results[-1]['row_bytes'] / 1e6:.0f} MB (B; not linear: large buffers slow down here)"
+    )
+
+
 def _ratio(a: float, ideal: float) -> str:
     return f"{a / ideal:.2f}x" if ideal else "-"
 
@@ -59,7 +134,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--rounds", type=int, default=2, help="runs of each kind, alternating")
+    ap.add_argument("--exchange", action="store_true", help="time the row exchange alone")
+    ap.add_argument("--dim", type=int, default=80, help="row width for --exchange")
     args = ap.parse_args()
+    if args.exchange:
+        exchange_main(args.dim)
+        return
     cfg = apply_overrides(
         preset(args.preset),
         [f"train.steps={args.steps}", "train.eval_every=0", "train.final_eval_batches=4",
