@@ -54,6 +54,8 @@ STATE_FILE = "state.json"
 TABLES_DIR = "tables"
 # A table tensor's key ends with this (`blocks.<i>.engram.store.weight`).
 EXTERNAL_TABLE_SUFFIX = ".engram.store.weight"
+# The key of Engram layer `layer_id`'s in-RAM table in model.safetensors.
+TABLE_KEY = "blocks.{layer_id}" + EXTERNAL_TABLE_SUFFIX
 
 
 def load_model_state(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> tuple[list, list]:

@@ -34,6 +34,7 @@ from pathlib import Path
 from engram.config import EngramConfig, small_config
 from engram.hashing import kernel_available
 from engram.indexer import NgramIndexer
+from engram.parallel import context as dist_context
 from engram.parallel.context import DEFAULT_TIMEOUT_S as DEFAULT_DIST_TIMEOUT_S
 from engram.parallel.context import DistributedError
 
@@ -142,20 +143,19 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from engram.parallel import context
     from engram.train import train
 
     cfg = _run_config(args)
     _check_data(args.data)
     if args.dist_timeout <= 0:
         raise CLIError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
-    worker = context.launched_by_torchrun()
+    worker = dist_context.launched_by_torchrun()
     if args.nproc is not None and not worker:
+        from engram.data import check_shard
         from engram.parallel.launch import LaunchError, launch
 
         if args.nproc < 1:
             raise CLIError(f"--nproc must be >= 1, got {args.nproc}")
-        from engram.data import check_shard
 
         check_shard(cfg.data.batch_size, 0, args.nproc)  # before starting any worker
         try:
@@ -163,13 +163,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         except LaunchError as e:
             raise CLIError(str(e)) from None
         return
-    ctx = context.init_from_env(cfg.train.device, args.dist_timeout) if worker else None
+    ctx = dist_context.init_from_env(cfg.train.device, args.dist_timeout) if worker else None
     try:
         result = train(
             cfg, args.out, resume=not args.no_resume, progress=not args.no_progress, dist=ctx
         )
     finally:
-        context.shutdown(ctx)
+        dist_context.shutdown(ctx)
     if ctx is not None and not ctx.is_main:
         return
     c = result.counts

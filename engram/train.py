@@ -305,9 +305,7 @@ def load_trained(
         stores = checkpoint_table_stores(ckpt)
     parts = build_run(cfg, tokenizer, stores=stores)
     check_fingerprint(ckpt, parts.hash_fingerprint)
-    own = parts.model.state_dict()
-    extra = {k: v for k, v in assembled_tables(ckpt).items() if k in own}
-    load_model_weights(ckpt, parts.model, extra)
+    load_model_weights(ckpt, parts.model, assembled_tables(ckpt, parts.model.state_dict()))
     parts.model.eval()
     return parts, ckpt
 
@@ -343,9 +341,7 @@ def _load_for_training(
         if optim_state is not None:
             optim_state.pop("table", None)  # a single process's SparseAdam: now in the shards
     else:
-        own = model.state_dict()
-        extra = {k: v for k, v in assembled_tables(ckpt).items() if k in own}
-        load_model_weights(ckpt, model, extra)
+        load_model_weights(ckpt, model, assembled_tables(ckpt, model.state_dict()))
         if ckpt.state.get(SHARDED_KEY) and optim_state is not None and opt.table is not None:
             groups = opt.table.state_dict()["param_groups"]
             optim_state["table"] = assembled_table_optimizer(ckpt, layer_ids, groups)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from engram.checkpoint import (
     MODEL_FILE,
     OPTIM_FILE,
+    TABLE_KEY,
     TABLES_DIR,
     Checkpoint,
     CheckpointError,
@@ -52,7 +53,6 @@ from engram.parallel.context import DistContext, collective_errors
 from engram.store.sharded import PARTS, ShardedRowStore
 
 SHARDED_KEY = "sharded_tables"
-TABLE_KEY = "blocks.{lid}.engram.store.weight"  # where a single process keeps layer lid's table
 
 
 def shard_file(layer_id: int, rank: int, world_size: int) -> str:
@@ -125,7 +125,7 @@ class TableRows:
                 "continue it in one process"
             )
         self._shards = []
-        key = TABLE_KEY.format(lid=layer_id)
+        key = TABLE_KEY.format(layer_id=layer_id)
         with safe_open(str(ckpt.path / MODEL_FILE), framework="pt") as f:
             if key not in set(f.keys()):
                 raise CheckpointError(f"{ckpt.path / MODEL_FILE} has no table {key!r}")
@@ -150,7 +150,7 @@ class TableRows:
                         pieces.append(f.get_slice(part)[lo - s0 : hi - s0])
             return torch.cat(pieces) if pieces else torch.zeros(0, self.dim)
         if part == "weight":
-            return self._slice(MODEL_FILE, TABLE_KEY.format(lid=self.layer_id), start, stop)
+            return self._slice(MODEL_FILE, TABLE_KEY.format(layer_id=self.layer_id), start, stop)
         key = f"table/{self._index}/{part}"
         if self.step == 0:  # never stepped: SparseAdam has not created its moments yet
             return torch.zeros(stop - start, self.dim)
@@ -177,12 +177,14 @@ def load_shards(
         store.load_rows(rows.read, rows.step)
 
 
-def assembled_tables(ckpt: Checkpoint) -> dict[str, Tensor]:
-    """{state-dict key: full table} of a distributed checkpoint's sharded tables (one process)."""
+def assembled_tables(ckpt: Checkpoint, wanted: Collection[str]) -> dict[str, Tensor]:
+    """{state-dict key: full table} of a distributed checkpoint's sharded tables, for the keys
+    in `wanted` (a model's state-dict keys: tables it serves from another store are not read)."""
     out = {}
     for lid, rec in ckpt.state.get(SHARDED_KEY, {}).items():
-        rows = TableRows(ckpt, int(lid), ())
-        out[TABLE_KEY.format(lid=lid)] = rows.read("weight", 0, rec["num_rows"])
+        key = TABLE_KEY.format(layer_id=lid)
+        if key in wanted:
+            out[key] = TableRows(ckpt, int(lid), ()).read("weight", 0, rec["num_rows"])
     return out
 
 

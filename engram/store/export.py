@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from engram.checkpoint import MODEL_FILE, TABLES_DIR, CheckpointError, read_checkpoint
+from engram.checkpoint import MODEL_FILE, TABLE_KEY, TABLES_DIR, CheckpointError, read_checkpoint
 from engram.hashing import NgramHasher
 from engram.store.mmap import MmapRowStore
 from engram.store.tablefile import (
@@ -38,8 +38,6 @@ from engram.store.tablefile import (
     verify_table,
     write_table,
 )
-
-TABLE_KEY = "blocks.{layer_id}.engram.store.weight"
 
 
 def table_file_name(layer_id: int) -> str:
