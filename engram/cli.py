@@ -186,7 +186,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from engram.data import prepare_data
-    from engram.tokenizer import EOT_ID
     from engram.train import evaluate, load_trained
 
     parts, ckpt = load_trained(args.ckpt)
@@ -194,10 +193,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.data:
         _check_data(args.data)
         data_cfg = replace(data_cfg, source=str(args.data))
-    splits = prepare_data(data_cfg, parts.tokenizer, EOT_ID)
-    batches = list(splits.val_batches(args.batches))
+    splits = prepare_data(data_cfg, parts.tokenizer, parts.eot_id)
+    positions = bool(getattr(parts.indexer, "needs_positions", False))
+    batches = list(splits.val_batches(args.batches, with_positions=positions))
     loss = evaluate(parts.model, batches, parts.indexer)
-    n_tokens = sum(int(y.size) for _, y in batches)
+    n_tokens = sum(int(b[1].size) for b in batches)
     result = {
         "checkpoint": str(ckpt.path),
         "step": ckpt.step,
@@ -273,7 +273,6 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from engram.generate import generate
     from engram.serving import TierConfig, load_served
-    from engram.tokenizer import EOT_ID
 
     if not args.prompt:
         raise CLIError("give at least one --prompt TEXT")
@@ -287,7 +286,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         res = generate(
             parts.model, prompts, indexer=parts.indexer, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-            eos_id=None if args.no_stop else EOT_ID,
+            eos_id=None if args.no_stop else parts.eot_id,
         )  # fmt: skip
         texts = [parts.tokenizer.decode(t) for t in res.tokens]
         stats = served.stats()

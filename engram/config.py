@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from engram.addressing import ADDRESSINGS
+
 
 def check_known_keys(cls: type, d: dict[str, Any], error: type[Exception] = ValueError) -> None:
     """Raise `error` naming every key of `d` that is not a field of dataclass `cls`."""
@@ -46,6 +48,9 @@ class EngramConfig:
     signed_sqrt_gate: bool = True
     # Use the causal depthwise short conv after the gated value (the paper's ablation: marginal).
     use_short_conv: bool = True
+    # "ngram" (the scheme); "constant" or "position" address rows without n-gram information,
+    # the controls that measure what the table's content is worth (see engram.addressing).
+    addressing: str = "ngram"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "engram_vocab_size", tuple(int(v) for v in self.engram_vocab_size))
@@ -79,6 +84,10 @@ class EngramConfig:
             )
         if self.kernel_size < 1:
             raise ValueError(f"kernel_size must be >= 1, got {self.kernel_size}")
+        if self.addressing not in ADDRESSINGS:
+            raise ValueError(
+                f"addressing must be one of {list(ADDRESSINGS)}, got {self.addressing!r}"
+            )
 
     @property
     def head_dim(self) -> int:

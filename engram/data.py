@@ -89,6 +89,7 @@ from engram.compress import default_cache_dir, tokenizer_fingerprint, tokenizer_
 from engram.config import check_known_keys
 from engram.corpus import TRANSLATIONS, check_translations, iter_builtin_documents
 from engram.indexer import NgramIndexer
+from engram.tokenizer import MAX_BPE_VOCAB, MIN_BPE_VOCAB
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,9 @@ class DataConfig:
     batch_size: int = 16
     # Token cache directory; None -> default_cache_dir() / "data" ($ENGRAM_CACHE_DIR respected).
     cache_dir: str | None = None
+    # "gpt2" (built-in), "bpe:N" (N ids trained on this source's training split), or a path to
+    # a tokenizer.json: the vocabulary sets the output layer's cost (see engram.data_tokenizer).
+    tokenizer: str = "gpt2"
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
@@ -152,6 +156,7 @@ class DataConfig:
                 raise DataError(f"{name} must be an int >= {lowest}, got {value!r}")
         if self.cache_dir is not None and not isinstance(self.cache_dir, str | os.PathLike):
             raise DataError(f"cache_dir must be a path string or None, got {self.cache_dir!r}")
+        _check_tokenizer_spec(self.tokenizer)
 
     def resolved_cache_dir(self) -> Path:
         """The token cache directory this config uses."""
@@ -167,6 +172,18 @@ class DataConfig:
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
         check_known_keys(cls, d, DataError)
         return cls(**d)
+
+
+def _check_tokenizer_spec(spec: Any) -> None:
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f"tokenizer must be a non-empty string, got {spec!r}")
+    if spec.startswith("bpe:"):
+        n = spec[4:]
+        if not n.isdigit() or not MIN_BPE_VOCAB <= int(n) <= MAX_BPE_VOCAB:
+            raise DataError(
+                f"tokenizer {spec!r}: expected 'bpe:N' with N an integer in "
+                f"[{MIN_BPE_VOCAB}, {MAX_BPE_VOCAB}] (256 bytes + <|endoftext|> + merges)"
+            )
 
 
 def resolve_cache_dir(cache_dir: PathLike | None) -> Path:
@@ -904,6 +921,19 @@ class PackedSplit:
         ranks' blocks put together are the single-process batch, and each rank reads and
         hashes only its own.
         """  # fmt: skip
+        starts = self.train_starts(step, batch_size, seq_len, seed, rank, world_size)
+        return self.windows(starts, seq_len)
+
+    def train_starts(
+        self,
+        step: int,
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> np.ndarray:
+        """Stream offsets (int64) of the windows ``train_batch`` cuts for this step and rank."""
         if step < 0 or seed < 0:
             raise DataError(f"step and seed must be >= 0, got step={step}, seed={seed}")
         check_shard(batch_size, rank, world_size)
@@ -911,30 +941,41 @@ class PackedSplit:
         rng = np.random.default_rng([seed, step])
         starts = rng.integers(0, self.n_tokens - seq_len, size=batch_size)
         per = batch_size // world_size
-        return self.windows(starts[rank * per : (rank + 1) * per], seq_len)
+        return np.asarray(starts[rank * per : (rank + 1) * per], dtype=np.int64)
 
     def n_val_windows(self, seq_len: int) -> int:
         """Number of contiguous stride-``seq_len`` windows ``val_batches`` yields in all."""
         return max(0, (self.n_tokens - 1) // seq_len)
 
     def val_batches(
-        self, batch_size: int, seq_len: int, max_batches: int | None = None
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Contiguous windows at stride T (targets never overlap), B per batch, in order."""
+        self,
+        batch_size: int,
+        seq_len: int,
+        max_batches: int | None = None,
+        with_positions: bool = False,
+    ) -> Iterator[tuple[np.ndarray, ...]]:
+        """Contiguous windows at stride T (targets never overlap), B per batch, in order.
+
+        Yields (x, y), or (x, y, positions) with ``with_positions``: each token's stream offset.
+        """
         self.check_seq_len(seq_len)
         n_windows = self.n_val_windows(seq_len)
         n_batches = math.ceil(n_windows / batch_size)
         if max_batches is not None:
             n_batches = min(n_batches, max(0, max_batches))
-        return self._val_batches(batch_size, seq_len, n_windows, n_batches)
+        return self._val_batches(batch_size, seq_len, n_windows, n_batches, with_positions)
 
     def _val_batches(
-        self, batch_size: int, seq_len: int, n_windows: int, n_batches: int
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        self, batch_size: int, seq_len: int, n_windows: int, n_batches: int, with_positions: bool
+    ) -> Iterator[tuple[np.ndarray, ...]]:
         for b in range(n_batches):
             first = b * batch_size
-            starts = np.arange(first, min(first + batch_size, n_windows)) * seq_len
-            yield self.windows(starts, seq_len)
+            starts = np.arange(first, min(first + batch_size, n_windows), dtype=np.int64) * seq_len
+            x, y = self.windows(starts, seq_len)
+            if with_positions:
+                yield x, y, starts[:, None] + np.arange(seq_len, dtype=np.int64)
+            else:
+                yield x, y
 
 
 @dataclass(frozen=True, eq=False)
@@ -971,10 +1012,12 @@ class DataSplits:
         return self.train.train_batch(step, self.cfg.batch_size, self.cfg.seq_len, seed)
 
     def val_batches(
-        self, max_batches: int | None = None
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        self, max_batches: int | None = None, with_positions: bool = False
+    ) -> Iterator[tuple[np.ndarray, ...]]:
         """The deterministic validation batches (see ``PackedSplit.val_batches``)."""
-        return self.val.val_batches(self.cfg.batch_size, self.cfg.seq_len, max_batches)
+        return self.val.val_batches(
+            self.cfg.batch_size, self.cfg.seq_len, max_batches, with_positions
+        )
 
     def summary(self) -> dict[str, Any]:
         """Sizes and provenance, JSON-friendly, for logs and run records."""
@@ -1035,11 +1078,21 @@ class Batch:
 
     @classmethod
     def from_numpy(
-        cls, step: int, x: np.ndarray, y: np.ndarray, indexer: NgramIndexer | None
+        cls,
+        step: int,
+        x: np.ndarray,
+        y: np.ndarray,
+        indexer: NgramIndexer | None,
+        positions: np.ndarray | None = None,
     ) -> Batch:
-        """Wrap (x, y) and hash x with ``indexer`` (resets at its separator), if any."""
+        """Wrap (x, y) and hash x with ``indexer`` (resets at its separator), if any.
+
+        ``positions`` (B, T): the tokens' offsets in the packed stream, for the "position"
+        address control (see ``NgramIndexer.rows``).
+        """
         start = time.perf_counter()
-        rows = None if indexer is None else torch.from_numpy(np.asarray(indexer.rows(x)))
+        kw = {} if positions is None else {"positions": positions}
+        rows = None if indexer is None else torch.from_numpy(np.asarray(indexer.rows(x, **kw)))
         return cls(
             step, torch.from_numpy(x), torch.from_numpy(y), rows, time.perf_counter() - start
         )
@@ -1074,10 +1127,14 @@ class _Producer:
 
     def make_batch(self, step: int) -> Batch:
         start = time.perf_counter()
-        x, y = self.split.train_batch(
+        starts = self.split.train_starts(
             step, self.batch_size, self.seq_len, self.seed, self.rank, self.world_size
         )
-        batch = Batch.from_numpy(step, x, y, self.indexer)
+        x, y = self.split.windows(starts, self.seq_len)
+        positions = None
+        if getattr(self.indexer, "needs_positions", False):
+            positions = starts[:, None] + np.arange(self.seq_len, dtype=np.int64)
+        batch = Batch.from_numpy(step, x, y, self.indexer, positions)
         if self.pin_memory:
             batch = batch.pin_memory()
         batch.build_seconds = time.perf_counter() - start

@@ -26,11 +26,12 @@ from engram.analysis.gate_report import gate_rows, plot_gate_panels
 from engram.analysis.gates import GateReading, gate_values
 from engram.atomic import atomic_write_text
 from engram.data import prepare_data
+from engram.data_tokenizer import data_tokenizer
 from engram.plan import Plan, format_plan
 from engram.plots import plot_loss_curves
 from engram.presets import DEMO_RHO, demo_moe, plan_for, quick_moe
 from engram.run_config import RunConfig
-from engram.tokenizer import EOT_ID, load_builtin_tokenizer
+from engram.tokenizer import separator_id
 from engram.train import METRICS_FILE, TrainResult, load_trained, read_metrics, train
 
 # Multi-token names and fixed phrases from the corpus' world (not a training sentence verbatim).
@@ -109,7 +110,7 @@ def sample_both_tiers(run_dir: Path, new_tokens: int = 32) -> DemoSample:
             ids = parts.tokenizer.encode(SAMPLE_PROMPT).ids
             res = generate(
                 parts.model, [ids], indexer=parts.indexer, max_new_tokens=new_tokens,
-                temperature=0, eos_id=EOT_ID,
+                temperature=0, eos_id=parts.eot_id,
             )  # fmt: skip
             out[store] = (res, parts.tokenizer.decode(res.tokens[0]))
     (ram, text), (disk, _) = out["ram"], out["mmap"]
@@ -184,8 +185,8 @@ def run_demo(
     echo(f"== plan: the Engram model keeps rho={DEMO_RHO} of the MoE's sparse budget in experts")
     echo(format_plan(plan))
     echo("")
-    tokenizer = load_builtin_tokenizer()
-    data = prepare_data(base_cfg.data, tokenizer, EOT_ID)
+    tokenizer = data_tokenizer(base_cfg.data)
+    data = prepare_data(base_cfg.data, tokenizer, separator_id(tokenizer))
     echo(
         f"== data: {base_cfg.data.source}, {data.n_train_docs:,} training / {data.n_val_docs:,} "
         f"validation documents ({data.n_train_tokens:,} / {data.n_val_tokens:,} tokens)"

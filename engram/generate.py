@@ -63,16 +63,30 @@ class RowStream:
     """Raw ids -> rows (L, B, T, H), one call at a time, as `NgramIndexer.rows` on the whole.
 
     Keeps the hash window and whether each sequence's last token was the separator; `start`
-    (B, T) bool restarts the window at a position (a prompt's first real token).
+    (B, T) bool restarts the window at a position (a prompt's first real token). A control run
+    (`engram.addressing`) gets its rows from the indexer, positions counted from each start.
     """
 
     def __init__(self, indexer: NgramIndexer, batch_size: int) -> None:
         self.indexer = indexer
         self.stream: HashStream = indexer.hasher.stream(batch_size)
         self._last_was_sep = np.zeros(batch_size, dtype=bool)
+        self._next_pos = np.zeros(batch_size, dtype=np.int64)
+
+    def _positions(self, T: int, start: np.ndarray | None) -> np.ndarray:
+        pos = np.empty((len(self._next_pos), T), dtype=np.int64)  # (B, T)
+        for t in range(T):
+            if start is not None:
+                self._next_pos[start[:, t]] = 0
+            pos[:, t] = self._next_pos
+            self._next_pos += 1
+        return pos
 
     def __call__(self, raw: np.ndarray, start: np.ndarray | None = None) -> Tensor:
         """raw (B, T) int64 raw ids -> rows (L, B, T, H) int64 tensor."""
+        if self.indexer.addressing != "ngram":
+            positions = self._positions(raw.shape[1], start)
+            return torch.from_numpy(self.indexer.rows(raw, positions=positions))
         compressed = self.indexer.compressor.compress(raw)  # (B, T)
         reset = np.zeros(raw.shape, dtype=bool)
         sep = self.indexer.sep_id

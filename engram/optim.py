@@ -40,7 +40,8 @@ class OptimConfig:
 
     # Peak learning rate of the dense AdamW (tables get lr * table_lr_mult).
     lr: float = 3e-3
-    # Tables learn at this multiple of the base learning rate (the paper: 5x).
+    # Tables learn at this multiple of the base learning rate (the paper: 5x); 0 freezes them
+    # at their init (the frozen-table control: no gradient, no optimizer state).
     table_lr_mult: float = 5.0
     # AdamW decoupled weight decay on dense matrices (never on vectors or tables).
     weight_decay: float = 0.1
@@ -55,6 +56,24 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     # Max global L2 norm of the dense gradients (0 disables clipping).
     grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "table_lr_mult", "weight_decay", "eps", "grad_clip"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and value >= 0 and math.isfinite(value)):
+                raise ValueError(f"optim.{name} must be a finite number >= 0, got {value!r}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"optim.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    @property
+    def frozen_tables(self) -> bool:
+        """Whether the tables stay at their init (`table_lr_mult == 0`)."""
+        return self.table_lr_mult == 0
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
@@ -208,6 +227,8 @@ def build_optimizer(
 
     `table_params` defaults to `model.table_parameters()` when the model has that method.
     Raises `AssertionError` if the groups do not partition `model.parameters()` exactly.
+    With `cfg.frozen_tables` the table parameters stop requiring gradients and no optimizer
+    holds them (nor steps a table that updates itself).
     """
     if table_params is None:
         getter = getattr(model, "table_parameters", None)
@@ -241,13 +262,16 @@ def build_optimizer(
         betas=betas,
         eps=cfg.eps,
     )
+    if cfg.frozen_tables:
+        for p in tables:
+            p.requires_grad_(False)
     table_opt = (
         torch.optim.SparseAdam(tables, lr=cfg.lr * cfg.table_lr_mult, betas=betas, eps=cfg.eps)
-        if tables
+        if tables and not cfg.frozen_tables
         else None
     )
     layers = getattr(model, "engram_layers", None)
-    disk = [] if not callable(layers) else [
+    disk = [] if not callable(layers) or cfg.frozen_tables else [
         e.store for e in layers().values() if hasattr(e.store, "adam_step")
     ]  # fmt: skip
     return EngramOptimizer(dense_opt, table_opt, cfg, disk)

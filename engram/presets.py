@@ -22,18 +22,15 @@ from types import MappingProxyType
 from engram.compress import TokenizerCompressor
 from engram.config import EngramConfig
 from engram.data import DataConfig
+from engram.data_tokenizer import data_tokenizer
 from engram.model import ModelConfig
 from engram.optim import OptimConfig
 from engram.plan import Plan, plan_allocation
 from engram.run_config import RunConfig, TrainConfig
-from engram.tokenizer import EOT_ID, load_builtin_tokenizer
+from engram.tokenizer import EOT_ID, separator_id
 
 # The fraction of the sparse budget kept in routed experts (the paper's optimum: 75-80%).
 DEMO_RHO = 0.75
-
-
-def _builtin_compressor() -> TokenizerCompressor:
-    return TokenizerCompressor.from_tokenizer(load_builtin_tokenizer())
 
 
 def engram_template(layer_ids: tuple[int, ...] = (1,)) -> EngramConfig:
@@ -58,15 +55,19 @@ def plan_for(
 ) -> tuple[RunConfig, Plan]:
     """The iso-parameter, iso-FLOP Engram version of an MoE baseline run, and its plan.
 
-    `template` is the memory's shape (default `engram_template()`); its sizes are planned.
+    `template` is the memory's shape (default `engram_template()`); its sizes are planned and
+    its pad id becomes the end-of-document id of the baseline's tokenizer (`data.tokenizer`).
     """
-    comp = _builtin_compressor()
+    tokenizer = data_tokenizer(baseline.data)
+    eot = separator_id(tokenizer)
+    comp = TokenizerCompressor.from_tokenizer(tokenizer)
+    template = template if template is not None else engram_template()
     plan = plan_allocation(
         baseline.model,
-        template if template is not None else engram_template(),
+        replace(template, pad_id=eot),
         rho,
         compressed_vocab_size=comp.compressed_vocab_size,
-        pad_id=comp.compress_id(EOT_ID),
+        pad_id=comp.compress_id(eot),
         seq_len=baseline.data.seq_len,
         tolerance=tolerance,
     )

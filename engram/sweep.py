@@ -43,9 +43,10 @@ import numpy as np
 from engram.atomic import atomic_write_text
 from engram.config import EngramConfig
 from engram.data import DataSplits, prepare_data
+from engram.data_tokenizer import data_tokenizer
 from engram.presets import DEMO_RHO, plan_for
 from engram.run_config import RunConfig
-from engram.tokenizer import EOT_ID, load_builtin_tokenizer
+from engram.tokenizer import separator_id
 
 SWEEP_FILE = "sweep.json"
 
@@ -152,7 +153,9 @@ def sweep_points(
             f"no engram config), got {baseline.name!r} with ffn={baseline.model.ffn!r} and "
             f"{'an' if baseline.engram is not None else 'no'} engram config"
         )
-    comp = TokenizerCompressor.from_tokenizer(load_builtin_tokenizer())
+    tokenizer = data_tokenizer(baseline.data)
+    comp = TokenizerCompressor.from_tokenizer(tokenizer)
+    eot = separator_id(tokenizer)
     e0, k = baseline.model.n_routed_experts, baseline.model.moe_top_k
     names: dict[str, str] = {}
     out: list[tuple[SweepPoint, RunConfig]] = []
@@ -161,7 +164,7 @@ def sweep_points(
         rows: dict[int, int] = {}
         if cfg.engram is not None:
             hasher = NgramHasher.from_config(
-                cfg.engram, comp.compressed_vocab_size, comp.compress_id(EOT_ID)
+                cfg.engram, comp.compressed_vocab_size, comp.compress_id(eot)
             )
             rows = {lid: hasher.total_rows(lid) for lid in cfg.engram.layer_ids}
         counts = count_params(cfg.model, cfg.engram, rows or None)
@@ -283,7 +286,8 @@ def run_sweep(
     out = Path(out_dir)
     plan = sweep_points(baseline, sweep, template)
     if data is None:
-        data = prepare_data(baseline.data, load_builtin_tokenizer(), EOT_ID)
+        tokenizer = data_tokenizer(baseline.data)
+        data = prepare_data(baseline.data, tokenizer, separator_id(tokenizer))
     result = SweepResult(out, [p for p, _ in plan])
     done: dict[str, tuple[float | None, int]] = {}
     for i, (point, cfg) in enumerate(plan):

@@ -56,6 +56,7 @@ from engram.checkpoint import (
 )
 from engram.compress import TokenizerCompressor
 from engram.data import BatchLoader, DataSplits, check_shard, prepare_data
+from engram.data_tokenizer import data_tokenizer
 from engram.indexer import NgramIndexer
 from engram.model import EngramLM, ParamCounts
 from engram.optim import build_optimizer, lr_multiplier
@@ -79,7 +80,7 @@ from engram.store.base import RowStore
 from engram.store.mmap import MmapRowStore
 from engram.store.sharded import ShardedRowStore
 from engram.store.trainable import DiskTrainedStore
-from engram.tokenizer import EOT_ID, load_builtin_tokenizer
+from engram.tokenizer import separator_id
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -98,10 +99,11 @@ class RunParts:
     compressor: TokenizerCompressor
     indexer: NgramIndexer | None
     model: EngramLM
+    eot_id: int  # the tokenizer's end-of-document id (packs documents, resets n-grams)
 
     @property
     def hash_fingerprint(self) -> str | None:
-        return None if self.indexer is None else self.indexer.hasher.fingerprint()
+        return None if self.indexer is None else self.indexer.fingerprint()
 
 
 @dataclass
@@ -137,18 +139,25 @@ def build_run(
     It is `{layer_id: RowStore}` or a function of the run's indexer returning one (stores that
     need the table sizes or the hash fingerprint).
     """
-    tokenizer = tokenizer if tokenizer is not None else load_builtin_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else data_tokenizer(cfg.data)
+    eot_id = separator_id(tokenizer)
     kwargs = {} if cache_dir is None else {"cache_dir": cache_dir}
     compressor = TokenizerCompressor.from_tokenizer(tokenizer, **kwargs)
     if cfg.model.vocab_size < compressor.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-            f"{compressor.vocab_size} ids"
+            f"{compressor.vocab_size} ids (data.tokenizer={cfg.data.tokenizer!r})"
         )
     indexer = None
     table_sizes = None
     if cfg.engram is not None:
-        indexer = NgramIndexer(cfg.engram, compressor, tokenizer, sep_id=EOT_ID)
+        if not 0 <= cfg.engram.pad_id < compressor.vocab_size:
+            raise ConfigError(
+                f"engram.pad_id={cfg.engram.pad_id} is not an id of the tokenizer "
+                f"(data.tokenizer={cfg.data.tokenizer!r} has {compressor.vocab_size} ids; its "
+                f"end-of-document id is {eot_id})"
+            )
+        indexer = NgramIndexer(cfg.engram, compressor, tokenizer, sep_id=eot_id)
         table_sizes = {lid: indexer.hasher.flat_table_sizes(lid) for lid in cfg.engram.layer_ids}
         if callable(stores):
             stores = stores(indexer)
@@ -161,7 +170,7 @@ def build_run(
         seed=cfg.train.seed,
         stores=stores,
     )
-    return RunParts(cfg, tokenizer, compressor, indexer, model)
+    return RunParts(cfg, tokenizer, compressor, indexer, model, eot_id)
 
 
 def _autocast(enabled: bool, device_type: str = "cpu") -> contextlib.AbstractContextManager[Any]:
@@ -181,12 +190,15 @@ def resolve_device(name: str) -> torch.device:
 @torch.no_grad()
 def evaluate(
     model: EngramLM,
-    batches: Iterator[tuple[Any, Any]] | list[tuple[Any, Any]],
+    batches: Iterator[tuple[Any, ...]] | list[tuple[Any, ...]],
     indexer: NgramIndexer | None,
     bf16: bool = False,
     dist: DistContext | None = None,
 ) -> float:
     """Mean next-token cross-entropy over `(x, y)` numpy/torch batches (equal-size windows).
+
+    A batch may be `(x, y, positions)` (see `DataSplits.val_batches(with_positions=True)`):
+    the positions reach the indexer, for the "position" address control.
 
     With `dist`, every rank is given the same batches and evaluates its block of each (a rank
     whose block of a short last batch is empty still runs one row, weighted 0, so that every
@@ -198,16 +210,22 @@ def evaluate(
     device = model.tok_emb.weight.device
     total, n = 0.0, 0
     try:
-        for x_np, y_np in batches:
-            x = torch.as_tensor(x_np, dtype=torch.long)
-            y = torch.as_tensor(y_np, dtype=torch.long)
+        for batch in batches:
+            x = torch.as_tensor(batch[0], dtype=torch.long)
+            y = torch.as_tensor(batch[1], dtype=torch.long)
+            pos = torch.as_tensor(batch[2], dtype=torch.long) if len(batch) > 2 else None
             weight = 1.0
             if dist is not None:
-                full_x, full_y = x, y
+                full_x, full_y, full_pos = x, y, pos
                 x, y = rank_slice(full_x, dist), rank_slice(full_y, dist)
+                pos = None if pos is None else rank_slice(pos, dist)
                 if x.shape[0] == 0:
                     x, y, weight = full_x[:1], full_y[:1], 0.0
-            rows = None if indexer is None else torch.as_tensor(indexer.rows(x.numpy()))
+                    pos = None if full_pos is None else full_pos[:1]
+            rows = None
+            if indexer is not None:
+                kw = {} if pos is None else {"positions": pos.numpy()}
+                rows = torch.as_tensor(indexer.rows(x.numpy(), **kw))
             x, y = x.to(device), y.to(device)
             rows = None if rows is None else rows.to(device)
             with _autocast(bf16, device.type):
@@ -261,7 +279,7 @@ def _disk_tables(
     work = out / TABLES_DIR
 
     def make(indexer: NgramIndexer) -> dict[int, DiskTrainedStore]:
-        fp = indexer.hasher.fingerprint()
+        fp = indexer.fingerprint()
         saved = None if latest is None else read_checkpoint(latest, verify=False)
         stores = {}
         for lid in engram_cfg.layer_ids:
@@ -418,7 +436,7 @@ def train(
     }
     model, indexer = parts.model.to(device), parts.indexer
     if data is None:
-        data = prepare_data(cfg.data, parts.tokenizer, EOT_ID)
+        data = prepare_data(cfg.data, parts.tokenizer, parts.eot_id)
     opt = build_optimizer(model, cfg.optim)
     tc = cfg.train
     start = 0
@@ -441,6 +459,7 @@ def train(
     fwd = ddp if ddp is not None else model
     fwd = torch.compile(fwd) if tc.compile else fwd
     model.train()
+    positions = bool(getattr(indexer, "needs_positions", False))  # val batches carry them
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
     tokens_per_step = tc.grad_accum * cfg.data.batch_size * cfg.data.seq_len
     history: list[dict[str, Any]] = []
@@ -535,7 +554,7 @@ def train(
                 if final or (tc.eval_every and (step + 1) % tc.eval_every == 0):
                     n_batches = tc.final_eval_batches if final else tc.eval_batches
                     val_loss = evaluate(
-                        model, data.val_batches(n_batches), indexer, tc.bf16, dist=dist
+                        model, data.val_batches(n_batches, positions), indexer, tc.bf16, dist=dist
                     )
                     rec["val_loss"] = val_loss
                 if log is not None:

@@ -36,8 +36,13 @@ def runs(gpt2_tokenizer, analysis_cache) -> dict[str, RunParts]:
         model=replace(eng.model, hc_mult=2),
         engram=replace(eng.engram, layer_ids=(0, 1)),
     )
+    position = replace(eng, engram=replace(eng.engram, addressing="position"))
+    constant = replace(eng, engram=replace(eng.engram, addressing="constant"))
     out = {}
-    for name, cfg in (("engram", eng), ("hc", hc), ("moe", tiny_moe())):
+    for name, cfg in (
+        ("engram", eng), ("hc", hc), ("moe", tiny_moe()), ("position", position),
+        ("constant", constant),
+    ):  # fmt: skip
         out[name] = _liven(build_run(cfg, gpt2_tokenizer, cache_dir=analysis_cache))
     return out
 
@@ -61,7 +66,7 @@ def _full_logits(parts: RunParts, seq: list[int]) -> torch.Tensor:
         return parts.model(idx, rows).logits[0]  # (T, V)
 
 
-@pytest.mark.parametrize("name", ["engram", "hc", "moe"])
+@pytest.mark.parametrize("name", ["engram", "hc", "moe", "position", "constant"])
 @pytest.mark.parametrize("chunk", [None, 1, 3])
 def test_incremental_equals_full_recompute(runs, name: str, chunk: int | None) -> None:
     parts = runs[name]

@@ -365,12 +365,12 @@ def _train_tokens(
     indexer: Any, data_source: str, max_tokens: int, cache_dir: PathLike | None
 ) -> np.ndarray:
     from engram.data import DataConfig, prepare_data
-    from engram.tokenizer import EOT_ID
+    from engram.tokenizer import separator_id
 
     if indexer.tokenizer is None:
         raise ValueError("the indexer has no tokenizer; pass raw_ids instead of a data source")
     cfg = DataConfig(source=data_source, cache_dir=None if cache_dir is None else str(cache_dir))
-    splits = prepare_data(cfg, indexer.tokenizer, EOT_ID)
+    splits = prepare_data(cfg, indexer.tokenizer, separator_id(indexer.tokenizer))
     return np.asarray(splits.train.tokens[: int(max_tokens)], dtype=np.int64)
 
 

@@ -33,7 +33,6 @@ from torch import Tensor, nn
 from engram.compress import tokenizer_fingerprint, tokenizer_vocab_size
 from engram.data import DataConfig, DataSplits, prepare_data
 from engram.model import EngramLM
-from engram.tokenizer import EOT_ID
 from engram.train import RunParts, load_trained
 
 PathLike = str | os.PathLike[str]
@@ -154,7 +153,7 @@ def data_config(run: RunParts, data_source: str | None = None) -> DataConfig:
 
 def shared_val_data(first: RunParts, data_source: str | None = None) -> DataSplits:
     """The data of `first`'s data config (source replaced by `data_source`), prepared."""
-    return prepare_data(data_config(first, data_source), first.tokenizer, EOT_ID)
+    return prepare_data(data_config(first, data_source), first.tokenizer, first.eot_id)
 
 
 def data_summary(data: DataSplits) -> dict[str, Any]:

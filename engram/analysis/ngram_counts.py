@@ -53,7 +53,6 @@ from engram.analysis.runs import require_engram
 from engram.atomic import atomic_write_bytes
 from engram.compress import TokenizerCompressor
 from engram.data import DataConfig, cache_key, prepare_data
-from engram.tokenizer import EOT_ID
 from engram.train import RunParts
 
 logger = logging.getLogger(__name__)
@@ -372,7 +371,7 @@ def counts_fingerprint(
     max_order: int,
     max_tokens: int | None,
     min_count: int,
-    sep_id: int = EOT_ID,
+    sep_id: int,
 ) -> str:
     """sha256 of everything the training-split counts depend on (see the module docstring)."""
     payload = {
@@ -406,13 +405,13 @@ def corpus_counts(
     max_order = parts.indexer.cfg.max_ngram_size
     fp = counts_fingerprint(
         data_cfg, parts.tokenizer, parts.compressor,
-        max_order=max_order, max_tokens=max_tokens, min_count=min_count,
+        max_order=max_order, max_tokens=max_tokens, min_count=min_count, sep_id=parts.eot_id,
     )  # fmt: skip
 
     def build() -> NgramCounts:
-        splits = prepare_data(data_cfg, parts.tokenizer, EOT_ID)
+        splits = prepare_data(data_cfg, parts.tokenizer, parts.eot_id)
         return NgramCounts.from_tokens(
-            splits.train.tokens, parts.compressor, sep_id=EOT_ID, max_order=max_order,
+            splits.train.tokens, parts.compressor, sep_id=parts.eot_id, max_order=max_order,
             min_count=min_count, max_tokens=max_tokens, fingerprint=fp,
         )  # fmt: skip
 
