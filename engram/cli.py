@@ -14,6 +14,8 @@ Commands:
 - ``engram eval``: validation loss and perplexity of a checkpoint.
 - ``engram plan``: the expert/table allocation that matches an MoE's params and FLOPs.
 - ``engram sweep``: loss against rho at equal params/FLOPs, and against table size.
+- ``engram ablate``: an Engram run's controls (no-information, address, capacity ladder,
+  frozen table, expert count, baseline) over seeds, in-domain and on a second text.
 - ``engram analyze gates|sensitivity|lens|cka|memory|access``: what the memory learned and how
   it is read, as files.
 - ``engram generate``: continue prompts with a trained model, tables in RAM or on disk.
@@ -267,6 +269,58 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         print(json.dumps(result.to_dict(), indent=1))
     else:
         print(format_sweep(result))
+        print("wrote " + ", ".join(str(v) for v in result.files.values()))
+
+
+def _baseline_config(spec: str | None):  # -> RunConfig | None
+    from engram.presets import PRESETS, preset
+    from engram.run_config import RunConfig
+
+    if spec is None:
+        return None
+    if spec in PRESETS:
+        return preset(spec)
+    path = Path(spec)
+    if (path / "config.json").is_file():
+        return RunConfig.load(path / "config.json")
+    if path.is_file():
+        return RunConfig.load(path)
+    raise CLIError(
+        f"--baseline {spec!r} is neither a preset ({', '.join(PRESETS)}), a run directory "
+        "nor a config file"
+    )
+
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from engram.ablate import CONTROLS, AblationConfig, format_ablation, parse_scales, run_ablation
+
+    kwargs: dict = {"jobs": args.jobs, "threads": args.threads}
+    if args.seeds is not None:
+        seeds = _floats(args.seeds, "--seeds") or ()
+        if not seeds or any(s != int(s) for s in seeds):
+            raise CLIError(f"--seeds must be integers, got {args.seeds!r}")
+        kwargs["seeds"] = tuple(int(s) for s in seeds)
+    if args.controls is not None:
+        kwargs["controls"] = tuple(c.strip() for c in args.controls.split(",") if c.strip())
+        unknown = sorted(set(kwargs["controls"]) - set(CONTROLS))
+        if unknown:
+            raise CLIError(f"unknown --controls {unknown}; expected some of {', '.join(CONTROLS)}")
+    if args.capacity is not None:
+        kwargs["capacity_scales"] = parse_scales(args.capacity)
+    if args.second_text is not None:
+        kwargs["second_text"] = None if args.second_text == "none" else args.second_text
+        if kwargs["second_text"] is not None:
+            _check_data(kwargs["second_text"])
+    kwargs["second_split"] = args.second_split
+    kwargs["second_batches"] = args.second_batches
+    result = run_ablation(
+        args.ckpt, args.out, AblationConfig(**kwargs), baseline=_baseline_config(args.baseline),
+        progress=not args.no_progress, echo=(lambda _: None) if args.json else print,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(format_ablation(result))
         print("wrote " + ", ".join(str(v) for v in result.files.values()))
 
 
@@ -597,6 +651,31 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--json", action="store_true", help="print the result as JSON")
     sw.add_argument("--no-progress", action="store_true", help="no progress bars")
     sw.set_defaults(func=cmd_sweep)
+
+    ab = sub.add_parser(
+        "ablate", help="train an Engram run's controls over seeds and report what the table adds",
+    )  # fmt: skip
+    ab.add_argument("--ckpt", required=True, help="the Engram run directory to ablate")
+    ab.add_argument("--out", default="engram-ablation", help="ablation directory (resumed)")
+    ab.add_argument("--seeds", help="comma-separated train seeds (default 0,1,2)")
+    ab.add_argument(
+        "--controls",
+        help="comma-separated subset of no-information,address,capacity,frozen,experts (all)",
+    )
+    ab.add_argument("--capacity", help="ladder scales of the table, e.g. 1/64,1/16,1/4 (default)")
+    ab.add_argument("--baseline", help="the iso-parameter baseline: a preset, run dir or config")
+    ab.add_argument(
+        "--second-text", help="a text not trained on: builtin:NAME or a file ('none' skips; "
+        "default builtin:bbe)",
+    )  # fmt: skip
+    ab.add_argument("--second-split", choices=["val", "all"], default="val",
+                    help="its held-out documents (default) or all of it")  # fmt: skip
+    ab.add_argument("--second-batches", type=int, help="cap on the second text's eval batches")
+    ab.add_argument("--jobs", type=int, default=1, help="runs trained side by side (processes)")
+    ab.add_argument("--threads", type=int, default=1, help="PyTorch threads per run (default 1)")
+    ab.add_argument("--json", action="store_true", help="print the report as JSON")
+    ab.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ab.set_defaults(func=cmd_ablate)
 
     an = sub.add_parser(
         "analyze",

@@ -95,7 +95,8 @@ class Plan:
         }
 
 
-def _table_rows(engram: EngramConfig, compressed_vocab_size: int, pad_id: int) -> dict[int, int]:
+def table_rows(engram: EngramConfig, compressed_vocab_size: int, pad_id: int) -> dict[int, int]:
+    """Rows of each Engram layer's flat table (its prime sub-table sizes summed)."""
     hasher = NgramHasher.from_config(engram, compressed_vocab_size, pad_id)
     return {lid: hasher.total_rows(lid) for lid in engram.layer_ids}
 
@@ -152,7 +153,7 @@ def plan_allocation(
     per_sub = max(2, target_rows // (n_layers_e * n_sub))
     for _ in range(8):
         cand = replace(engram, engram_vocab_size=(per_sub,) * (engram.max_ngram_size - 1))
-        rows = _table_rows(cand, compressed_vocab_size, pad_id)
+        rows = table_rows(cand, compressed_vocab_size, pad_id)
         over = sum(rows.values()) - target_rows
         if over <= 0 or per_sub <= 2:
             break

@@ -106,3 +106,63 @@ def plot_sweep_curve(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _arm_panel(ax: Any, arms: Sequence[Mapping[str, Any]], kind: str, title: str) -> None:
+    names = [a["name"] for a in arms if a[kind]["losses"]]
+    for i, a in enumerate(a for a in arms if a[kind]["losses"]):
+        st = a[kind]
+        color = "tab:blue" if a["name"] == "engram" else "tab:gray"
+        ax.errorbar([st["mean"]], [i], xerr=[[st["std"] or 0.0], [st["std"] or 0.0]], fmt="s",
+                    color=color, ms=7, capsize=3)  # fmt: skip
+        ax.plot(st["losses"], [i] * len(st["losses"]), "o", color=color, alpha=0.45, ms=4)
+    eng = next((a for a in arms if a["name"] == "engram" and a[kind]["losses"]), None)
+    if eng is not None:
+        ax.axvline(eng[kind]["mean"], color="tab:blue", lw=0.8, ls=":")
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("loss (nats/token): seeds as dots, mean ± std")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def plot_ablation_panels(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """An ablation report (`AblationResult.to_dict()`): every arm in-domain and on the second
+    text, and the capacity ladder (loss against table slots, log scale) with the controls."""
+    arms = report["arms"]
+    has_second = any(a["second"]["losses"] for a in arms)
+    ladder = [a for a in arms if a["scale"] is not None and a["val"]["losses"]]
+    n = 1 + has_second + (len(ladder) > 1)
+    fig = Figure(figsize=(5.2 * n, 4.2))
+    ax = fig.add_subplot(1, n, 1)
+    _arm_panel(ax, arms, "val", "held-out split (in-domain)")
+    col = 2
+    if has_second:
+        _arm_panel(fig.add_subplot(1, n, col), arms, "second",
+                   f"second text: {report.get('second_text')}")  # fmt: skip
+        col += 1
+    if len(ladder) > 1:
+        ax = fig.add_subplot(1, n, col)
+        ladder = sorted(ladder, key=lambda a: a["table_slots"])
+        for kind, color, label in (("val", "tab:blue", "in-domain"),
+                                   ("second", "tab:green", "second text")):  # fmt: skip
+            pts = [a for a in ladder if a[kind]["losses"]]
+            if not pts:
+                continue
+            xs = [a["table_slots"] for a in pts]
+            ax.errorbar(xs, [a[kind]["mean"] for a in pts],
+                        yerr=[a[kind]["std"] or 0.0 for a in pts], fmt="o-", color=color,
+                        capsize=3, label=f"{label}: table of this size")  # fmt: skip
+            for ref, ls in (("no-information", "--"), ("experts", ":"), ("baseline", "-.")):
+                r = next((a for a in arms if a["name"] == ref and a[kind]["losses"]), None)
+                if r is not None:
+                    ax.axhline(r[kind]["mean"], color=color, ls=ls, lw=1, alpha=0.7,
+                               label=f"{label}: {ref}")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("table slots (log scale), same heads and backbone")
+        ax.set_ylabel("loss (nats/token), mean ± std over seeds")
+        ax.set_title("capacity ladder")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="best", framealpha=0.6)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -23,9 +23,9 @@ from engram.compress import TokenizerCompressor
 from engram.config import EngramConfig
 from engram.data import DataConfig
 from engram.data_tokenizer import data_tokenizer
-from engram.model import ModelConfig
+from engram.model import ModelConfig, ParamCounts, count_params
 from engram.optim import OptimConfig
-from engram.plan import Plan, plan_allocation
+from engram.plan import Plan, plan_allocation, table_rows
 from engram.run_config import RunConfig, TrainConfig
 from engram.tokenizer import EOT_ID, separator_id
 
@@ -73,6 +73,23 @@ def plan_for(
     )
     cfg = replace(baseline, name=name or f"engram-rho{rho:g}", model=plan.model, engram=plan.engram)
     return cfg, plan
+
+
+def scaled_table(engram: EngramConfig, scale: float) -> EngramConfig:
+    """The same heads with every order's sub-table size target multiplied by `scale` (>= 2)."""
+    sizes = tuple(max(2, round(v * scale)) for v in engram.engram_vocab_size)
+    return replace(engram, engram_vocab_size=sizes)
+
+
+def run_shape(cfg: RunConfig) -> tuple[ParamCounts, int]:
+    """Parameter counts of a run and its table slots over all Engram layers (0 without one)."""
+    rows = None
+    if cfg.engram is not None:
+        tokenizer = data_tokenizer(cfg.data)
+        comp = TokenizerCompressor.from_tokenizer(tokenizer)
+        pad = comp.compress_id(cfg.engram.pad_id)
+        rows = table_rows(cfg.engram, comp.compressed_vocab_size, pad)
+    return count_params(cfg.model, cfg.engram, rows), sum((rows or {}).values())
 
 
 def demo_moe() -> RunConfig:

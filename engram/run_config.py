@@ -71,6 +71,9 @@ class TrainConfig:
     prefetch: int = 2
     # Where the model trains: "cpu" (bit-reproducible, the default), "cuda", "cuda:1", ...
     device: str = "cpu"
+    # PyTorch intra-op threads while training (0 = leave PyTorch's setting). CPU runs are
+    # bit-reproducible for a fixed count; another count changes float summation order.
+    threads: int = 0
     # Where Engram tables live while training: "ram" (a parameter + SparseAdam) or "mmap" (rows
     # and Adam moments in files under <run>/tables/, for tables larger than RAM; same updates).
     table_store: str = "ram"
@@ -83,7 +86,7 @@ class TrainConfig:
             raise ValueError(
                 f"train.table_store must be one of {list(TABLE_STORES)}, got {self.table_store!r}"
             )
-        for name in ("eval_every", "ckpt_every", "keep_checkpoints", "log_every"):
+        for name in ("eval_every", "ckpt_every", "keep_checkpoints", "log_every", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         try:

@@ -44,7 +44,7 @@ from engram.atomic import atomic_write_text
 from engram.config import EngramConfig
 from engram.data import DataSplits, prepare_data
 from engram.data_tokenizer import data_tokenizer
-from engram.presets import DEMO_RHO, plan_for
+from engram.presets import DEMO_RHO, plan_for, run_shape, scaled_table
 from engram.run_config import RunConfig
 from engram.tokenizer import separator_id
 
@@ -122,11 +122,6 @@ class SweepResult:
         }
 
 
-def _scaled(engram: EngramConfig, scale: float) -> EngramConfig:
-    sizes = tuple(max(2, round(v * scale)) for v in engram.engram_vocab_size)
-    return replace(engram, engram_vocab_size=sizes)
-
-
 def _config_key(cfg: RunConfig) -> str:
     d = cfg.to_dict()
     d.pop("name")
@@ -142,9 +137,7 @@ def sweep_points(
 
     Points whose configs are identical share one run (and one name).
     """
-    from engram.compress import TokenizerCompressor
-    from engram.hashing import NgramHasher
-    from engram.model import count_params, flops_per_token
+    from engram.model import flops_per_token
     from engram.plan import PlanError
 
     if baseline.model.ffn != "moe" or baseline.engram is not None:
@@ -153,21 +146,12 @@ def sweep_points(
             f"no engram config), got {baseline.name!r} with ffn={baseline.model.ffn!r} and "
             f"{'an' if baseline.engram is not None else 'no'} engram config"
         )
-    tokenizer = data_tokenizer(baseline.data)
-    comp = TokenizerCompressor.from_tokenizer(tokenizer)
-    eot = separator_id(tokenizer)
     e0, k = baseline.model.n_routed_experts, baseline.model.moe_top_k
     names: dict[str, str] = {}
     out: list[tuple[SweepPoint, RunConfig]] = []
 
     def add(kind: str, rho: float, scale: float, seed: int, cfg: RunConfig) -> None:
-        rows: dict[int, int] = {}
-        if cfg.engram is not None:
-            hasher = NgramHasher.from_config(
-                cfg.engram, comp.compressed_vocab_size, comp.compress_id(eot)
-            )
-            rows = {lid: hasher.total_rows(lid) for lid in cfg.engram.layer_ids}
-        counts = count_params(cfg.model, cfg.engram, rows or None)
+        counts, slots = run_shape(cfg)
         every = cfg.train.ckpt_every or max(1, baseline.train.steps // 4)
         cfg = replace(cfg, train=replace(cfg.train, seed=seed, ckpt_every=every))
         key = _config_key(cfg)
@@ -176,7 +160,7 @@ def sweep_points(
         point = SweepPoint(
             kind=kind, rho=rho, table_scale=scale, seed=seed, run=name,
             achieved_rho=(cfg.model.n_routed_experts - k) / (e0 - k) if e0 > k else 1.0,
-            routed_experts=cfg.model.n_routed_experts, table_slots=sum(rows.values()),
+            routed_experts=cfg.model.n_routed_experts, table_slots=slots,
             total_params=counts.total, active_params=counts.active,
             flops_per_token=flops_per_token(cfg.model, cfg.engram, baseline.data.seq_len),
         )  # fmt: skip
@@ -194,7 +178,7 @@ def sweep_points(
         fixed = planned(sweep.table_rho)
         assert fixed.engram is not None
         configs += [("table", sweep.table_rho, scale,
-                     replace(fixed, engram=_scaled(fixed.engram, scale)))
+                     replace(fixed, engram=scaled_table(fixed.engram, scale)))
                     for scale in sweep.table_scales]  # fmt: skip
     for seed in sweep.seeds:
         for kind, rho, scale, cfg in configs:

@@ -367,6 +367,19 @@ def _load_for_training(
         opt.load_state_dict(optim_state)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """PyTorch's intra-op thread count set to `n` inside the block (0 leaves it alone)."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n > 0:
+            torch.set_num_threads(before)
+
+
 def train(
     cfg: RunConfig,
     out_dir: str | os.PathLike[str],
@@ -386,7 +399,21 @@ def train(
     batch: each rank trains on its block, Engram tables are row-sharded over the ranks and the
     dense parameters replicated with DDP; rank 0 writes the metrics and commits checkpoints,
     whose tables are saved as shards that reload on any number of ranks (or in one process).
+    `cfg.train.threads` (when > 0) sets PyTorch's thread count for the call.
     """
+    with torch_threads(cfg.train.threads):
+        return _train(cfg, out_dir, resume, progress, stop_after, data, dist)
+
+
+def _train(
+    cfg: RunConfig,
+    out_dir: str | os.PathLike[str],
+    resume: bool,
+    progress: bool,
+    stop_after: int | None,
+    data: DataSplits | None,
+    dist: DistContext | None,
+) -> TrainResult:
     device = resolve_device(cfg.train.device) if dist is None else dist.device
     main = dist is None or dist.is_main
     out = Path(out_dir)
