@@ -395,9 +395,13 @@ def run_ablation(
     for seed in ab.seeds:
         for ar in result.arms:
             cfg = _seeded(ar.arm.cfg, seed, ab.threads)
-            path = run if _same(cfg, run_cfg) else out / f"{ar.arm.name}-s{seed}"
+            if _same(cfg, run_cfg):  # the given run is this arm at this seed: report it
+                cfg, path = run_cfg, run
+            else:
+                cfg = replace(cfg, name=f"{ar.arm.name}-s{seed}")
+                path = out / cfg.name
             ar.runs[seed] = str(path)
-            jobs.append((ar, seed, replace(cfg, name=f"{ar.arm.name}-s{seed}"), path))
+            jobs.append((ar, seed, cfg, path))
     _prepare(run_cfg, second)
     echo(
         f"== ablation of {run}: {len(result.arms)} arms x {len(ab.seeds)} seeds = {len(jobs)} "
