@@ -37,11 +37,8 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
-import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,9 +46,10 @@ from typing import Any
 import numpy as np
 
 from engram.atomic import atomic_write_text
-from engram.heldout import SPLITS, heldout_loss
+from engram.heldout import SPLITS
 from engram.presets import run_shape, scaled_table
 from engram.run_config import ConfigError, RunConfig
+from engram.runner import Job, JobResult, prepare_caches, run_jobs
 
 ABLATION_FILE = "ablation.json"
 CONTROLS = ("no-information", "address", "capacity", "frozen", "experts")
@@ -190,22 +188,6 @@ def build_arms(run_cfg: RunConfig, ab: AblationConfig, baseline: RunConfig | Non
         arms.append(Arm(name, what, replace(cfg, name=name), slots, counts.total,
                         counts.active, scale))  # fmt: skip
     return arms
-
-
-def _train_one(cfg_dict: dict[str, Any], out: str, second: tuple[str, str, int | None] | None,
-               progress: bool) -> tuple[float | None, float | None]:  # fmt: skip
-    """Train (or re-report) one run and evaluate it on the second text (also in a worker)."""
-    from engram.train import torch_threads, train
-
-    cfg = RunConfig.from_dict(cfg_dict)
-    result = train(cfg, out, progress=progress)
-    second_loss = None
-    if second is not None:
-        with torch_threads(cfg.train.threads):
-            second_loss = heldout_loss(out, second[0], split=second[1], max_batches=second[2])[
-                "loss"
-            ]
-    return result.val_loss, second_loss
 
 
 @dataclass
@@ -391,7 +373,8 @@ def run_ablation(
     second = None if ab.second_text is None else (
         ab.second_text, ab.second_split, ab.second_batches
     )  # fmt: skip
-    jobs: list[tuple[ArmResult, int, RunConfig, Path]] = []
+    jobs: list[Job] = []
+    owners: list[tuple[ArmResult, int]] = []
     for seed in ab.seeds:
         for ar in result.arms:
             cfg = _seeded(ar.arm.cfg, seed, ab.threads)
@@ -401,54 +384,31 @@ def run_ablation(
                 cfg = replace(cfg, name=f"{ar.arm.name}-s{seed}")
                 path = out / cfg.name
             ar.runs[seed] = str(path)
-            jobs.append((ar, seed, cfg, path))
-    _prepare(run_cfg, second)
+            jobs.append(Job(cfg, path, second))
+            owners.append((ar, seed))
+    prepare_caches(run_cfg, [] if second is None else [second[0]])
     echo(
         f"== ablation of {run}: {len(result.arms)} arms x {len(ab.seeds)} seeds = {len(jobs)} "
         f"runs, {ab.jobs} at a time, {ab.threads} thread(s) each"
     )
 
-    def done(ar: ArmResult, seed: int, val: float | None, sec: float | None, t: float) -> None:
-        if val is not None:
-            ar.val[seed] = val
-        if sec is not None:
-            ar.second[seed] = sec
+    def done(i: int, r: JobResult) -> None:
+        ar, seed = owners[i]
+        if r.val_loss is not None:
+            ar.val[seed] = r.val_loss
+        if r.second_loss is not None:
+            ar.second[seed] = r.second_loss
         n = sum(len(a.val) for a in result.arms)
-        sec_txt = "" if sec is None else f", second text {sec:.4f}"
-        echo(f"[{n}/{len(jobs)}] {ar.arm.name} seed {seed}: val {val:.4f}{sec_txt} ({t:.0f} s)")
+        sec_txt = "" if r.second_loss is None else f", second text {r.second_loss:.4f}"
+        echo(
+            f"[{n}/{len(jobs)}] {ar.arm.name} seed {seed}: val {r.val_loss:.4f}{sec_txt} "
+            f"({r.seconds:.0f} s)"
+        )
         _write(result)
 
-    if ab.jobs == 1:
-        for ar, seed, cfg, path in jobs:
-            t0 = time.perf_counter()
-            val, sec = _train_one(cfg.to_dict(), str(path), second, progress)
-            done(ar, seed, val, sec, time.perf_counter() - t0)
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=ab.jobs, mp_context=ctx) as pool:
-            started = time.perf_counter()
-            futures = {
-                pool.submit(_train_one, cfg.to_dict(), str(path), second, False): (ar, seed)
-                for ar, seed, cfg, path in jobs
-            }
-            for fut in as_completed(futures):
-                ar, seed = futures[fut]
-                val, sec = fut.result()
-                done(ar, seed, val, sec, time.perf_counter() - started)
+    run_jobs(jobs, ab.jobs, progress=progress, on_done=done)
     _write(result)
     return result
-
-
-def _prepare(cfg: RunConfig, second: tuple[str, str, int | None] | None) -> None:
-    """Build the shared caches (tokenizer, token caches) once before any worker starts."""
-    from engram.data import prepare_data
-    from engram.data_tokenizer import data_tokenizer
-    from engram.tokenizer import separator_id
-
-    tok = data_tokenizer(cfg.data)
-    prepare_data(cfg.data, tok, separator_id(tok))
-    if second is not None:
-        prepare_data(replace(cfg.data, source=second[0]), tok, separator_id(tok))
 
 
 def format_ablation(result: AblationResult) -> str:

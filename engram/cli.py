@@ -8,7 +8,8 @@ Design choices:
 - Heavy imports (torch models, matplotlib) happen inside the commands, so ``engram --help`` is fast.
 
 Commands:
-- ``engram demo``: MoE baseline vs its iso-parameter Engram model on the built-in corpus.
+- ``engram demo``: MoE baseline vs its iso-parameter Engram model (and that model's
+  no-information control) on the built-in corpus.
 - ``engram train``: train a preset or config file on the built-in corpus or the user's text;
   ``--nproc N`` (or torchrun) trains on N processes with sharded tables.
 - ``engram eval``: validation loss and perplexity of a checkpoint.
@@ -568,7 +569,15 @@ _ANALYSIS_TEXT = {
 def cmd_demo(args: argparse.Namespace) -> None:
     from engram.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    if args.jobs < 1:
+        raise CLIError(f"--jobs must be >= 1, got {args.jobs}")
+    second = None if args.second_text == "none" else args.second_text
+    if second is not None:
+        _check_data(second)
+    run_demo(
+        args.out, quick=args.quick, progress=not args.no_progress, jobs=args.jobs,
+        second_text=second,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- main
@@ -593,11 +602,16 @@ def build_parser() -> argparse.ArgumentParser:
     from engram.presets import PRESETS
 
     d = sub.add_parser(
-        "demo", help="train an MoE baseline and its iso-parameter Engram model, compare them"
+        "demo",
+        help="train an MoE baseline, its iso-parameter Engram model and that model's "
+        "no-information control; compare them",
     )
     d.add_argument("--out", default="engram-demo", help="output directory (default engram-demo)")
     d.add_argument("--quick", action="store_true", help="a smaller run for a smoke test (< 3 min)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.add_argument("--jobs", type=int, default=2, help="models trained side by side (default 2)")
+    d.add_argument("--second-text", default="builtin:bbe",
+                   help="a text the models do not train on (builtin:NAME, a file, or 'none')")  # fmt: skip
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train a model", description=f"presets: {', '.join(PRESETS)}")

@@ -1,11 +1,20 @@
-"""`engram demo`: an MoE baseline and its iso-parameter Engram model, trained and compared.
+"""`engram demo`: an MoE baseline, its iso-parameter Engram model and that model's
+no-information control, trained and compared.
 
 Design choices:
 - Everything here is a call into the library (planner, `train`, gate reading, plots); the demo
-  only chooses the two configurations (`engram.presets`) and lays out the results, so a user can
+  only chooses the configurations (`engram.presets`) and lays out the results, so a user can
   reproduce any row of its table with `engram train --preset ...`.
-- Both models see the same tokens in the same order (batches are a pure function of seed and
-  step) and are validated on the same held-out chapters, so their losses are a paired comparison.
+- The third model is the Engram model with every n-gram reading the same row of each sub-table
+  (`engram.addressing="constant"`): the gate, keys, value and conv train as usual, the table
+  carries no n-gram identity. Engram vs MoE then splits into the table's content (Engram vs the
+  control) and the pathway without content (the control vs MoE), the question a reader of any
+  Engram result should ask first.
+- All models see the same tokens in the same order (batches are a pure function of seed and
+  step) and are validated on the same held-out chapters, so their losses are a paired
+  comparison; each is also evaluated on a second text it never trained on (by default the same
+  chapters in another translation). The runs train side by side in worker processes, one
+  PyTorch thread each (`engram.runner`), so the numbers do not depend on how many ran at once.
 - The run directory is resumable: running the demo again into the same directory continues (or,
   when finished, just re-reports) each model from its checkpoint instead of starting over.
 - The summary table comes from `train`'s result, which reports a finished run from its
@@ -17,8 +26,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +38,14 @@ from engram.data import prepare_data
 from engram.data_tokenizer import data_tokenizer
 from engram.plan import Plan, format_plan
 from engram.plots import plot_loss_curves
-from engram.presets import DEMO_RHO, demo_moe, plan_for, quick_moe
+from engram.presets import DEMO_RHO, demo_moe, plan_for, quick_moe, run_shape
 from engram.run_config import RunConfig
+from engram.runner import Job, JobResult, prepare_caches, run_jobs
 from engram.tokenizer import separator_id
-from engram.train import METRICS_FILE, TrainResult, load_trained, read_metrics, train
+from engram.train import METRICS_FILE, load_trained, read_metrics
+
+# A text none of the demo's models trains on: the held-out chapters in Basic English.
+SECOND_TEXT = "builtin:bbe"
 
 # Multi-token names and fixed phrases from the corpus' world (not a training sentence verbatim).
 GATE_SENTENCE = (
@@ -56,6 +69,7 @@ class RunSummary:
     tokens_per_s: float
     step_s: float
     val_loss: float
+    second_loss: float | None = None  # on a text not trained on (see engram.heldout)
 
     @property
     def val_ppl(self) -> float:
@@ -90,6 +104,7 @@ class DemoResult:
     plan: Plan
     baseline: RunSummary
     engram: RunSummary
+    no_information: RunSummary
     gates: GateReading
     loss_png: Path
     gate_png: Path
@@ -126,46 +141,77 @@ def demo_configs(quick: bool = False) -> tuple[RunConfig, RunConfig, Plan]:
     return base, engram_cfg, plan
 
 
-def summarize(cfg: RunConfig, result: TrainResult) -> RunSummary:
-    """The table row of a finished run."""
-    if result.val_loss is None:
-        raise ValueError(f"run {result.out_dir} has no validation loss yet")
-    tokens_per_step = cfg.train.grad_accum * cfg.data.batch_size * cfg.data.seq_len
-    return RunSummary(
-        name=cfg.name,
-        out_dir=result.out_dir,
-        total_params=result.counts.total,
-        active_params=result.counts.active,
-        table_params=result.counts.table,
-        routed_experts=cfg.model.n_routed_experts,
-        steps=result.step,
-        tokens=result.step * tokens_per_step,
-        tokens_per_s=result.tokens_per_s,
-        step_s=result.step_time_s,
-        val_loss=result.val_loss,
+def no_information_control(engram_cfg: RunConfig) -> RunConfig:
+    """The Engram model with every n-gram reading row 0 of each sub-table (see engram.ablate)."""
+    assert engram_cfg.engram is not None
+    return replace(
+        engram_cfg,
+        name="no-information",
+        engram=replace(engram_cfg.engram, addressing="constant"),
     )
 
 
-def format_summary(a: RunSummary, b: RunSummary) -> str:
-    """Side-by-side table of two runs (baseline first)."""
+def summarize(cfg: RunConfig, result: JobResult) -> RunSummary:
+    """The table row of a finished run."""
+    if result.val_loss is None:
+        raise ValueError(f"run {result.job.out_dir} has no validation loss yet")
+    counts, _ = run_shape(cfg)
+    tokens_per_step = cfg.train.grad_accum * cfg.data.batch_size * cfg.data.seq_len
+    return RunSummary(
+        name=cfg.name,
+        out_dir=result.job.out_dir,
+        total_params=counts.total,
+        active_params=counts.active,
+        table_params=counts.table,
+        routed_experts=cfg.model.n_routed_experts,
+        steps=cfg.train.steps,
+        tokens=cfg.train.steps * tokens_per_step,
+        tokens_per_s=tokens_per_step / result.step_time_s,
+        step_s=result.step_time_s,
+        val_loss=result.val_loss,
+        second_loss=result.second_loss,
+    )
+
+
+def format_summary(runs: Sequence[RunSummary], second_text: str | None = None) -> str:
+    """Side-by-side table of the runs (baseline first)."""
     rows = [
-        ("total params", f"{a.total_params:,}", f"{b.total_params:,}"),
-        ("active params / token", f"{a.active_params:,}", f"{b.active_params:,}"),
-        ("Engram table params", f"{a.table_params:,}", f"{b.table_params:,}"),
-        ("routed experts", f"{a.routed_experts}", f"{b.routed_experts}"),
-        ("training tokens", f"{a.tokens:,}", f"{b.tokens:,}"),
-        ("tokens/s (train)", f"{a.tokens_per_s:,.0f}", f"{b.tokens_per_s:,.0f}"),
-        ("step time (median)", f"{a.step_s * 1000:.0f} ms", f"{b.step_s * 1000:.0f} ms"),
-        ("validation loss", f"{a.val_loss:.4f}", f"{b.val_loss:.4f}"),
-        ("validation perplexity", f"{a.val_ppl:.1f}", f"{b.val_ppl:.1f}"),
+        ("total params", [f"{r.total_params:,}" for r in runs]),
+        ("active params / token", [f"{r.active_params:,}" for r in runs]),
+        ("Engram table params", [f"{r.table_params:,}" for r in runs]),
+        ("routed experts", [f"{r.routed_experts}" for r in runs]),
+        ("training tokens", [f"{r.tokens:,}" for r in runs]),
+        ("tokens/s (train)", [f"{r.tokens_per_s:,.0f}" for r in runs]),
+        ("step time (median)", [f"{r.step_s * 1000:.0f} ms" for r in runs]),
+        ("validation loss", [f"{r.val_loss:.4f}" for r in runs]),
+        ("validation perplexity", [f"{r.val_ppl:.1f}" for r in runs]),
     ]
-    head = ("", a.name, b.name)
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
+    if second_text is not None and all(r.second_loss is not None for r in runs):
+        rows.append((f"loss on {second_text}", [f"{r.second_loss:.4f}" for r in runs]))
+    head = ("", [r.name for r in runs])
+    table = [head, *rows]
+    w0 = max(len(label) for label, _ in table)
+    widths = [max(len(cells[i]) for _, cells in table) for i in range(len(runs))]
+    return "\n".join(
+        f"{label:<{w0}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True))
+        for label, cells in table
+    )
 
-    def line(r: tuple[str, str, str]) -> str:
-        return f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}"
 
-    return "\n".join([line(head), *(line(r) for r in rows)])
+def gain_sentences(base: RunSummary, eng: RunSummary, ctl: RunSummary) -> list[str]:
+    """How much of the Engram model's difference to the MoE comes from the table's content."""
+    lines = []
+    for attr, where in (("val_loss", "validation"), ("second_loss", "second text")):
+        b, e, c = getattr(base, attr), getattr(eng, attr), getattr(ctl, attr)
+        if b is None or e is None or c is None:
+            continue
+        total, content, pathway = e - b, e - c, c - b
+        lines.append(
+            f"{where}: Engram vs MoE {total:+.4f} nats/token = memory content (Engram vs "
+            f"no-information control) {content:+.4f} + pathway without content (control vs "
+            f"MoE) {pathway:+.4f}"
+        )
+    return lines
 
 
 def run_demo(
@@ -175,43 +221,58 @@ def run_demo(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     configs: tuple[RunConfig, RunConfig, Plan] | None = None,
+    jobs: int = 2,
+    second_text: str | None = SECOND_TEXT,
 ) -> DemoResult:
-    """Plan, train both models, compare, and draw the loss curves and a gate heatmap.
+    """Plan, train the MoE, the Engram model and its no-information control, compare them, and
+    draw the loss curves and a gate heatmap.
 
-    `configs` replaces the preset pair (baseline, Engram model, plan), e.g. with smaller models.
+    `configs` replaces the preset pair (baseline, Engram model, plan), e.g. with smaller models;
+    `jobs` runs train side by side in worker processes; `second_text` (a source the models do
+    not train on; None skips it) is evaluated for every model.
     """
     out = Path(out_dir)
     base_cfg, engram_cfg, plan = configs if configs is not None else demo_configs(quick)
-    echo(f"== plan: the Engram model keeps rho={DEMO_RHO} of the MoE's sparse budget in experts")
+    control_cfg = no_information_control(engram_cfg)
+    echo(f"== plan: the Engram model keeps rho={plan.rho:g} of the MoE's sparse budget in experts")
     echo(format_plan(plan))
     echo("")
+    prepare_caches(base_cfg, [] if second_text is None else [second_text])
     tokenizer = data_tokenizer(base_cfg.data)
     data = prepare_data(base_cfg.data, tokenizer, separator_id(tokenizer))
     echo(
-        f"== data: {base_cfg.data.source}, {data.n_train_docs:,} training / {data.n_val_docs:,} "
-        f"validation documents ({data.n_train_tokens:,} / {data.n_val_tokens:,} tokens)"
+        f"== data: {base_cfg.data.source} ({base_cfg.data.tokenizer} tokenizer, "
+        f"{tokenizer.get_vocab_size(with_added_tokens=True):,} ids), {data.n_train_docs:,} "
+        f"training / {data.n_val_docs:,} validation documents ({data.n_train_tokens:,} / "
+        f"{data.n_val_tokens:,} tokens); second text: {second_text or 'none'}"
     )
-    summaries = []
-    for cfg in (base_cfg, engram_cfg):
-        run_dir = out / cfg.name
-        echo(f"== training {cfg.name} -> {run_dir}")
-        result = train(cfg, run_dir, progress=progress, data=data)
-        summaries.append(summarize(cfg, result))
-    base, eng = summaries
+    cfgs = [base_cfg, engram_cfg, control_cfg]
+    # The second text gets as many batches as the final validation (None: all of them).
+    second = None if second_text is None else (
+        second_text, "val", base_cfg.train.final_eval_batches
+    )  # fmt: skip
+    run_list = [Job(cfg, out / cfg.name, second) for cfg in cfgs]
+    echo(
+        f"== training {', '.join(c.name for c in cfgs)} ({jobs} at a time) -> {out}/"
+        "<name> (resumable)"
+    )
+    results = run_jobs(run_list, jobs, progress=progress)
+    base, eng, ctl = (summarize(c, r) for c, r in zip(cfgs, results, strict=True))
 
     echo("")
-    echo(format_summary(base, eng))
-    delta = eng.val_loss - base.val_loss
+    echo(format_summary([base, eng, ctl], second_text))
     speed = eng.step_s / base.step_s - 1.0
+    for line in gain_sentences(base, eng, ctl):
+        echo(line)
     echo(
-        f"Engram vs MoE: validation loss {delta:+.4f} nats/token, step time {speed:+.1%} "
-        f"(same total params, same active params within {abs(plan.active_gap):.2%})"
+        f"(one seed; step time Engram vs MoE {speed:+.1%}; same total params, active params "
+        f"within {abs(plan.active_gap):.2%}; seeds and every control: `engram ablate`)"
     )
 
     loss_png = plot_loss_curves(
-        {s.name: read_metrics(s.out_dir / METRICS_FILE) for s in summaries},
+        {s.name: read_metrics(s.out_dir / METRICS_FILE) for s in (base, eng, ctl)},
         out / "loss_curves.png",
-        title=f"MoE vs Engram (rho={DEMO_RHO}) on {base_cfg.data.source}",
+        title=f"MoE vs Engram (rho={plan.rho:g}) vs its no-information control",
     )
     parts, _ = load_trained(eng.out_dir)
     assert parts.indexer is not None
@@ -236,6 +297,9 @@ def run_demo(
                 "plan": plan.to_dict(),
                 "baseline": base.to_dict(),
                 "engram": eng.to_dict(),
+                "no_information": ctl.to_dict(),
+                "second_text": second_text,
+                "gain": gain_sentences(base, eng, ctl),
                 "gates": reading.to_dict(),
                 "sample": sample.to_dict(),
             },
@@ -244,4 +308,4 @@ def run_demo(
         + "\n",
     )
     echo(f"wrote {loss_png}, {gate_png} and {summary_json}")
-    return DemoResult(plan, base, eng, reading, loss_png, gate_png, summary_json, sample)
+    return DemoResult(plan, base, eng, ctl, reading, loss_png, gate_png, summary_json, sample)

@@ -107,9 +107,15 @@ def test_demo_pipeline_with_tiny_models(tmp_path, capsys):
 
     base = tiny_moe()
     eng, plan = plan_for(base, 0.5, name="engram")
-    result = run_demo(tmp_path / "demo", progress=False, configs=(base, eng, plan))
+    result = run_demo(tmp_path / "demo", progress=False, configs=(base, eng, plan), jobs=1)
     out = capsys.readouterr().out
     assert "validation loss" in out and "Engram vs MoE" in out
+    assert "memory content (Engram vs no-information control)" in out
+    assert "loss on builtin:bbe" in out
+    ctl = result.no_information
+    assert ctl.total_params == result.engram.total_params and ctl.name == "no-information"
+    content = result.engram.val_loss - ctl.val_loss
+    assert f"memory content (Engram vs no-information control) {content:+.4f}" in out
     assert result.loss_png.stat().st_size > 1000 and result.gate_png.stat().st_size > 1000
     assert result.baseline.total_params == pytest.approx(result.engram.total_params, rel=0.01)
     gates = result.gates.gates[1]
@@ -126,5 +132,5 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     """The real `engram demo --quick` (about 1.5 min; CI runs the tiny-model pipeline above)."""
     assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "Engram vs MoE: validation loss" in out
+    assert "validation: Engram vs MoE" in out
     assert (tmp_path / "d" / "gate_heatmap.png").is_file()
