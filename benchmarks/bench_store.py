@@ -163,7 +163,6 @@ def bench_generate(args: argparse.Namespace) -> None:
 def bench_dtypes(args: argparse.Namespace) -> None:
     from engram.data import prepare_data
     from engram.serving import TierConfig, load_served
-    from engram.tokenizer import EOT_ID
     from engram.train import evaluate
 
     torch.set_num_threads(1)
@@ -173,7 +172,7 @@ def bench_dtypes(args: argparse.Namespace) -> None:
     for dtype in ("float32", "bfloat16", "float16", "int8"):
         with load_served(args.ckpt, TierConfig(store="mmap", dtype=dtype, prefetch=False)) as s:
             if batches is None:
-                splits = prepare_data(s.parts.cfg.data, s.parts.tokenizer, EOT_ID)
+                splits = prepare_data(s.parts.cfg.data, s.parts.tokenizer, s.parts.eot_id)
                 batches = list(splits.val_batches(args.batches))
             loss = evaluate(s.parts.model, batches, s.parts.indexer)
             size = statistics.mean(f.stat().st_size for f in s.files.values()) / 2**20

@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 from engram.data import BatchLoader, prepare_data
+from engram.data_tokenizer import data_tokenizer
 from engram.demo import demo_configs
 from engram.optim import build_optimizer
 from engram.run_config import apply_overrides
-from engram.tokenizer import EOT_ID, load_builtin_tokenizer
+from engram.tokenizer import separator_id
 from engram.train import build_run, train
 
 
@@ -55,8 +56,8 @@ def _stepper(cfg, bf16=False, compile_=False):
 
 def speed(args: argparse.Namespace) -> None:
     base_cfg, eng_cfg, plan = demo_configs()
-    tok = load_builtin_tokenizer()
-    data = prepare_data(base_cfg.data, tok, EOT_ID)
+    tok = data_tokenizer(base_cfg.data)
+    data = prepare_data(base_cfg.data, tok, separator_id(tok))
     eng_parts, eng_step = _stepper(eng_cfg)
     _, base_step = _stepper(base_cfg)
     loader = BatchLoader(data.train, eng_cfg.data, eng_parts.indexer, seed=0)
@@ -91,8 +92,8 @@ def speed(args: argparse.Namespace) -> None:
 
 def quality(args: argparse.Namespace) -> None:
     base_cfg, eng_cfg, plan = demo_configs()
-    tok = load_builtin_tokenizer()
-    data = prepare_data(base_cfg.data, tok, EOT_ID)
+    tok = data_tokenizer(base_cfg.data)
+    data = prepare_data(base_cfg.data, tok, separator_id(tok))
     rows = []
     for seed in args.seeds:
         pair = []

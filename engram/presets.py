@@ -33,12 +33,16 @@ from engram.tokenizer import EOT_ID, separator_id
 DEMO_RHO = 0.75
 
 
-def engram_template(layer_ids: tuple[int, ...] = (1,)) -> EngramConfig:
-    """The memory's shape for the small presets (sizes are filled in by the planner)."""
+def engram_template(layer_ids: tuple[int, ...] = (1,), n_embed_per_ngram: int = 32) -> EngramConfig:
+    """The memory's shape for the small presets (sizes are filled in by the planner).
+
+    4 heads x 8 dims per order: memory width 64, so the key and value projections keep the
+    Engram model's active FLOPs within 1% of its MoE even with a 4,096-id output layer.
+    """
     return EngramConfig(
         engram_vocab_size=(10_007, 10_007),  # replaced by the planner
         max_ngram_size=3,  # orders 2 and 3, as the paper
-        n_embed_per_ngram=64,  # 4 heads x 16 dims per order: memory width 128 = d_model
+        n_embed_per_ngram=n_embed_per_ngram,
         n_head_per_ngram=4,
         layer_ids=layer_ids,  # 0-based: the paper's "layer 2", after one attention layer
         pad_id=EOT_ID,
@@ -92,25 +96,57 @@ def run_shape(cfg: RunConfig) -> tuple[ParamCounts, int]:
     return count_params(cfg.model, cfg.engram, rows), sum((rows or {}).values())
 
 
+# The demo's regime, chosen by measurement (docs/controls.md lists what was tried):
+DEMO_TOKENIZER = "bpe:4096"  # a BPE trained on the KJV training chapters: cheap output layer
+DEMO_VOCAB = 4096
+DEMO_STEPS = 600  # 1.2M tokens, about 1.2 passes over the training chapters
+DEMO_TABLE_STD = 0.1  # small rows move far in few updates (N(0, 1) rows barely train here)
+DEMO_TABLE_LR_MULT = 50.0  # each row is read ~100 times per run: it must learn fast
+
+
+def _moe_backbone(vocab_size: int) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab_size,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        max_seq_len=128,
+        ffn="moe",
+        n_routed_experts=32,
+        moe_top_k=2,
+        n_shared_experts=1,
+        d_expert=128,
+    )
+
+
 def demo_moe() -> RunConfig:
-    """The demo's MoE baseline: 4 layers, d=128, 32 routed experts (top-2) + 1 shared."""
+    """The demo's MoE baseline: 4 layers, d=128, 32 routed experts (top-2) + 1 shared, a
+    4,096-id BPE trained on the corpus, 600 steps of 2,048 tokens, one PyTorch thread.
+
+    `optim.table_lr_mult` and `train.table_std` are read by Engram models only: they are set
+    here so that the planned Engram preset and its controls inherit them.
+    """
     return RunConfig(
         name="moe",
-        model=ModelConfig(
-            vocab_size=50257,
-            d_model=128,
-            n_layers=4,
-            n_heads=4,
-            max_seq_len=128,
-            ffn="moe",
-            n_routed_experts=32,
-            moe_top_k=2,
-            n_shared_experts=1,
-            d_expert=128,
+        model=_moe_backbone(DEMO_VOCAB),
+        data=DataConfig(
+            source="builtin:kjv",
+            tokenizer=DEMO_TOKENIZER,
+            seq_len=128,
+            batch_size=16,
+            val_fraction=0.05,
         ),
-        data=DataConfig(source="builtin:kjv", seq_len=128, batch_size=16, val_fraction=0.05),
-        optim=OptimConfig(lr=3e-3, warmup_steps=20, min_lr_ratio=0.1),
-        train=TrainConfig(steps=200, eval_every=100, eval_batches=None, log_every=10),
+        optim=OptimConfig(
+            lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, table_lr_mult=DEMO_TABLE_LR_MULT
+        ),
+        train=TrainConfig(
+            steps=DEMO_STEPS,
+            eval_every=200,
+            eval_batches=8,
+            log_every=10,
+            threads=1,
+            table_std=DEMO_TABLE_STD,
+        ),
     )
 
 
@@ -120,18 +156,38 @@ def demo_engram() -> RunConfig:
 
 
 def quick_moe() -> RunConfig:
-    """A smoke-test-sized `demo_moe` (under 3 minutes for both models)."""
+    """A smoke-test-sized `demo_moe` (under 3 minutes for the demo's three models)."""
     base = demo_moe()
     return replace(
         base,
-        data=replace(base.data, batch_size=8),
         optim=replace(base.optim, warmup_steps=10),
-        train=replace(base.train, steps=60, eval_every=30, eval_batches=12, final_eval_batches=12),
+        train=replace(base.train, steps=120, eval_every=60, eval_batches=8, final_eval_batches=16),
     )
 
 
 def quick_engram() -> RunConfig:
     return plan_for(quick_moe(), DEMO_RHO, name="engram")[0]
+
+
+def gpt2_moe() -> RunConfig:
+    """The first demo's baseline: `demo_moe` with the GPT-2 tokenizer (50,257 ids, whose output
+    layer is ~88% of a step's FLOPs), 200 steps, the paper's table init and learning rate."""
+    base = demo_moe()
+    return replace(
+        base,
+        name="gpt2-moe",
+        model=_moe_backbone(50257),
+        data=replace(base.data, tokenizer="gpt2"),
+        optim=replace(base.optim, table_lr_mult=5.0),
+        train=replace(
+            base.train, steps=200, eval_every=100, eval_batches=None, threads=0, table_std=1.0
+        ),
+    )
+
+
+def gpt2_engram() -> RunConfig:
+    return plan_for(gpt2_moe(), DEMO_RHO, name="gpt2-engram",
+                    template=engram_template(n_embed_per_ngram=64))[0]  # fmt: skip
 
 
 def tiny_moe() -> RunConfig:
@@ -174,6 +230,8 @@ PRESETS: Mapping[str, Callable[[], RunConfig]] = MappingProxyType(
         "demo-engram": demo_engram,
         "quick-moe": quick_moe,
         "quick-engram": quick_engram,
+        "gpt2-moe": gpt2_moe,
+        "gpt2-engram": gpt2_engram,
         "tiny-moe": tiny_moe,
         "tiny-engram": tiny_engram,
         "dense": dense,

@@ -149,3 +149,14 @@ def test_control_checkpoint_refuses_ngram_addressing(tmp_path):
     ngram = build_run(tiny_engram())
     with pytest.raises(CheckpointError, match="hash configuration"):
         check_fingerprint(ckpt, ngram.hash_fingerprint)
+
+
+def test_frozen_table_trained_on_disk_stays_at_its_init(tmp_path):
+    cfg = apply_overrides(
+        tiny_engram(), ["optim.table_lr_mult=0", "train.steps=3", 'train.table_store="mmap"']
+    )
+    init = build_run(cfg).model.engram_layers()[1].store.weight
+    train(cfg, tmp_path / "disk", progress=False)
+    parts, _ = load_trained(tmp_path / "disk")
+    store = parts.model.engram_layers()[1].store
+    assert torch.equal(store.gather(torch.arange(init.shape[0])), init)

@@ -62,4 +62,4 @@ def test_plan_errors_are_named():
     # A tiny vocabulary and backbone: the Engram projections alone add >1% active FLOPs.
     tiny = replace(_base(), vocab_size=64, d_model=32, n_heads=2, d_expert=32, n_routed_experts=64)
     with pytest.raises(PlanError, match=r"active FLOPs differ by \+"):
-        plan_allocation(tiny, engram_template(), 0.5, **kw)
+        plan_allocation(tiny, engram_template(n_embed_per_ngram=64), 0.5, **kw)
