@@ -609,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="engram-demo", help="output directory (default engram-demo)")
     d.add_argument("--quick", action="store_true", help="a smaller run for a smoke test (< 3 min)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    d.add_argument("--jobs", type=int, default=2, help="models trained side by side (default 2)")
+    d.add_argument("--jobs", type=int, default=3, help="models trained side by side (default 3)")
     d.add_argument("--second-text", default="builtin:bbe",
                    help="a text the models do not train on (builtin:NAME, a file, or 'none')")  # fmt: skip
     d.set_defaults(func=cmd_demo)
@@ -685,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--second-split", choices=["val", "all"], default="val",
                     help="its held-out documents (default) or all of it")  # fmt: skip
     ab.add_argument("--second-batches", type=int, help="cap on the second text's eval batches")
-    ab.add_argument("--jobs", type=int, default=1, help="runs trained side by side (processes)")
+    ab.add_argument("--jobs", type=int, default=2, help="runs trained side by side (default 2)")
     ab.add_argument("--threads", type=int, default=1, help="PyTorch threads per run (default 1)")
     ab.add_argument("--json", action="store_true", help="print the report as JSON")
     ab.add_argument("--no-progress", action="store_true", help="no progress bars")

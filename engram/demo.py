@@ -221,7 +221,7 @@ def run_demo(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     configs: tuple[RunConfig, RunConfig, Plan] | None = None,
-    jobs: int = 2,
+    jobs: int = 3,
     second_text: str | None = SECOND_TEXT,
 ) -> DemoResult:
     """Plan, train the MoE, the Engram model and its no-information control, compare them, and

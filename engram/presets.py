@@ -101,7 +101,7 @@ DEMO_TOKENIZER = "bpe:4096"  # a BPE trained on the KJV training chapters: cheap
 DEMO_VOCAB = 4096
 DEMO_STEPS = 600  # 1.2M tokens, about 1.2 passes over the training chapters
 DEMO_TABLE_STD = 0.1  # small rows move far in few updates (N(0, 1) rows barely train here)
-DEMO_TABLE_LR_MULT = 50.0  # each row is read ~100 times per run: it must learn fast
+DEMO_TABLE_LR_MULT = 100.0  # each row is read ~50 times per run: it must learn fast
 
 
 def _moe_backbone(vocab_size: int) -> ModelConfig:
