@@ -64,11 +64,31 @@ def _config_from_args(args: argparse.Namespace) -> EngramConfig:
 # ----------------------------------------------------------------------------- info
 
 
-def cmd_info(args: argparse.Namespace) -> None:
+def _indexer(args: argparse.Namespace) -> tuple[NgramIndexer, str]:
+    """The indexer of `--tokenizer` (default GPT-2) and a description of the tokenizer."""
     cfg = _config_from_args(args)
-    ix = NgramIndexer.builtin(cfg)
+    spec = getattr(args, "tokenizer", None) or "gpt2"
+    if spec == "gpt2":
+        return NgramIndexer.builtin(cfg), "GPT-2 BPE (built in, offline)"
+    from engram.compress import TokenizerCompressor
+    from engram.data import DataConfig
+    from engram.data_tokenizer import bpe_vocab_size, data_tokenizer
+    from engram.tokenizer import separator_id
+
+    source = getattr(args, "data", None) or "builtin:kjv"
+    _check_data(source)
+    tok = data_tokenizer(DataConfig(source=source, tokenizer=spec))
+    eot = separator_id(tok)
+    ix = NgramIndexer(replace(cfg, pad_id=eot), TokenizerCompressor.from_tokenizer(tok), tok, eot)
+    what = f"{spec} (byte-level BPE trained on the training split of {source})"
+    return ix, what if bpe_vocab_size(spec) is not None else spec
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    ix, what = _indexer(args)
+    cfg = ix.cfg
     c = ix.compressor
-    print("tokenizer       GPT-2 BPE (built in, offline)")
+    print(f"tokenizer       {what}")
     print(
         f"compression     {c.vocab_size:,} raw ids -> {c.compressed_vocab_size:,} "
         f"({1 - c.compressed_vocab_size / c.vocab_size:.1%} fewer)"
@@ -92,7 +112,7 @@ def cmd_rows(args: argparse.Namespace) -> None:
     cfg = _config_from_args(args)
     if not args.text.strip():
         raise CLIError("TEXT is empty; expected some words, e.g. 'Alexander the Great'")
-    ix = NgramIndexer.builtin(cfg)
+    ix, _ = _indexer(args)
     layer_id = cfg.layer_ids[0] if args.layer is None else args.layer
     if layer_id not in cfg.layer_ids:
         raise CLIError(
@@ -590,6 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--layers", help="comma-separated 0-based Engram layer ids (default: 1)")
         sp.add_argument("--table-size", type=int, help="target rows per sub-table (default 20000)")
+        sp.add_argument("--tokenizer", help="gpt2 (default), bpe:N or a tokenizer.json path")
+        sp.add_argument("--data", help="the corpus a bpe:N tokenizer trains on (default "
+                        "builtin:kjv)")  # fmt: skip
 
     def run_source(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--preset", help="a named configuration (see `engram train --help`)")

@@ -23,6 +23,18 @@ def test_info_and_rows(capsys):
     assert "'Alexander the Great'" in out
 
 
+def test_info_with_a_corpus_bpe(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path))
+    assert main(["info", "--tokenizer", "bpe:4096"]) == 0
+    out = capsys.readouterr().out
+    assert "bpe:4096 (byte-level BPE trained on the training split of builtin:kjv)" in out
+    assert "4,096 raw ids -> 3,528" in out
+    assert main(["rows", "And God said", "--tokenizer", "bpe:4096"]) == 0
+    assert "' God'" in capsys.readouterr().out
+    assert main(["info", "--tokenizer", str(tmp_path / "none.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
