@@ -30,9 +30,10 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from engram.config import EngramConfig, small_config
 from engram.hashing import kernel_available
@@ -263,6 +264,15 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
         raise CLIError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
+def _print_report(args: argparse.Namespace, result: Any, fmt: Callable[[Any], str]) -> None:
+    """A sweep's or an ablation's result: its JSON with --json, else its text and its files."""
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(fmt(result))
+        print("wrote " + ", ".join(str(v) for v in result.files.values()))
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
     from engram.presets import engram_template
     from engram.sweep import SweepConfig, format_sweep, run_sweep
@@ -286,11 +296,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         args.out, base, SweepConfig(**kwargs), template=engram_template(layers),
         progress=not args.no_progress, echo=(lambda _: None) if args.json else print,
     )  # fmt: skip
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=1))
-    else:
-        print(format_sweep(result))
-        print("wrote " + ", ".join(str(v) for v in result.files.values()))
+    _print_report(args, result, format_sweep)
 
 
 def _baseline_config(spec: str | None):  # -> RunConfig | None
@@ -338,11 +344,7 @@ def cmd_ablate(args: argparse.Namespace) -> None:
         args.ckpt, args.out, AblationConfig(**kwargs), baseline=_baseline_config(args.baseline),
         progress=not args.no_progress, echo=(lambda _: None) if args.json else print,
     )  # fmt: skip
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=1))
-    else:
-        print(format_ablation(result))
-        print("wrote " + ", ".join(str(v) for v in result.files.values()))
+    _print_report(args, result, format_ablation)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
