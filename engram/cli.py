@@ -291,6 +291,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         if any(s != int(s) for s in seeds):
             raise CLIError(f"--seeds must be integers, got {args.seeds!r}")
         kwargs["seeds"] = tuple(int(s) for s in seeds)
+    kwargs["second_text"] = None if args.second_text == "none" else args.second_text
+    if kwargs["second_text"] is not None:
+        _check_data(kwargs["second_text"])
+    kwargs["jobs"] = args.jobs
+    kwargs["second_batches"] = args.second_batches
     layers = tuple(int(v) for v in args.layers.split(",")) if args.layers else (1,)
     result = run_sweep(
         args.out, base, SweepConfig(**kwargs), template=engram_template(layers),
@@ -687,6 +692,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--table-rho", type=float, help="backbone of the table sweep (default 0.75)")
     sw.add_argument("--seeds", help="comma-separated train seeds (default 0)")
     sw.add_argument("--layers", help="comma-separated 0-based Engram layer ids (default: 1)")
+    sw.add_argument(
+        "--second-text",
+        default="builtin:bbe",
+        help="a text not trained on, every point evaluated on it ('none' skips)",
+    )
+    sw.add_argument("--second-batches", type=int, help="cap on the second text's eval batches")
+    sw.add_argument("--jobs", type=int, default=1, help="runs trained side by side (processes)")
     sw.add_argument("--json", action="store_true", help="print the result as JSON")
     sw.add_argument("--no-progress", action="store_true", help="no progress bars")
     sw.set_defaults(func=cmd_sweep)

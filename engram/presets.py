@@ -143,6 +143,7 @@ def demo_moe() -> RunConfig:
             steps=DEMO_STEPS,
             eval_every=200,
             eval_batches=8,
+            ckpt_every=200,  # an interrupted demo resumes from the last third it finished
             log_every=10,
             threads=1,
             table_std=DEMO_TABLE_STD,

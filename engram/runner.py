@@ -51,10 +51,11 @@ class JobResult:
     second_loss: float | None
     step_time_s: float  # median seconds per optimizer step (see TrainResult)
     seconds: float  # wall time of this job in its worker
+    step: int  # the step the run reached
 
 
 def run_job(cfg_dict: dict[str, Any], out: str, second: tuple[str, str, int | None] | None,
-            progress: bool) -> tuple[float | None, float | None, float, float]:  # fmt: skip
+            progress: bool) -> tuple[float | None, float | None, float, float, int]:  # fmt: skip
     """Train (or re-report) one run and evaluate it on the second text; runs in a worker."""
     from engram.heldout import heldout_loss
     from engram.train import torch_threads, train
@@ -67,7 +68,7 @@ def run_job(cfg_dict: dict[str, Any], out: str, second: tuple[str, str, int | No
         with torch_threads(cfg.train.threads):
             second_loss = heldout_loss(out, second[0], split=second[1], max_batches=second[2])
         second_loss = second_loss["loss"]
-    return result.val_loss, second_loss, result.step_time_s, time.perf_counter() - t0
+    return result.val_loss, second_loss, result.step_time_s, time.perf_counter() - t0, result.step
 
 
 def prepare_caches(cfg: RunConfig, second_sources: Sequence[str] = ()) -> None:
@@ -110,7 +111,7 @@ def run_jobs(
     """Train every job (`n_workers` at a time; 1 = in this process) and return their results."""
     results: list[JobResult | None] = [None] * len(jobs)
 
-    def finish(i: int, out: tuple[float | None, float | None, float, float]) -> None:
+    def finish(i: int, out: tuple[float | None, float | None, float, float, int]) -> None:
         results[i] = JobResult(jobs[i], *out)
         if on_done is not None:
             on_done(i, results[i])

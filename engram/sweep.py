@@ -20,10 +20,12 @@ Design choices:
 - Points with identical configs are trained once (the table sweep's x1 point is the rho sweep's
   point at `table_rho`); run names are derived from the point, not counted, so adding a rho to
   a finished sweep trains only the new one.
-- Data is prepared once and shared by every run (same tokens, same validation split): the
-  points are a paired comparison, as in the demo. Several seeds give the spread that tells a
-  real effect from seed noise; the plots show each seed and the mean.
-- `sweep.json` and the plots are rewritten after every point trained in this call (and once at
+- Data is tokenized once into the shared cache and every run reads the same tokens and
+  validation split: the points are a paired comparison, as in the demo. Several seeds give the
+  spread that tells a real effect from seed noise; the plots show each seed and the mean.
+- Runs go through `engram.runner` (`jobs` side by side in worker processes), and each point is
+  also evaluated on `second_text`, a text none of them trains on, when one is given.
+- `sweep.json` and the plots are rewritten after every point finished in this call (and once at
   the end), so a long sweep can be watched and an interrupted one still leaves its partial
   figure.
 """
@@ -42,11 +44,9 @@ import numpy as np
 
 from engram.atomic import atomic_write_text
 from engram.config import EngramConfig
-from engram.data import DataSplits, prepare_data
-from engram.data_tokenizer import data_tokenizer
 from engram.presets import DEMO_RHO, plan_for, run_shape, scaled_table
 from engram.run_config import RunConfig
-from engram.tokenizer import separator_id
+from engram.runner import Job, JobResult, prepare_caches, run_jobs
 
 SWEEP_FILE = "sweep.json"
 
@@ -66,6 +66,9 @@ class SweepConfig:
     table_rho: float = DEMO_RHO  # the backbone of the table-size sweep (its experts stay fixed)
     seeds: tuple[int, ...] = (0,)  # train.seed per repetition: init and batch order
     tolerance: float = 0.01  # the planner's allowed total-param / FLOP gap
+    second_text: str | None = None  # a source not trained on, every point evaluated on it
+    second_batches: int | None = None  # cap on its evaluation batches (None: its whole val split)
+    jobs: int = 1  # runs trained side by side, each in its own process (engram.runner)
 
     def __post_init__(self) -> None:
         if not self.rhos and not self.table_scales:
@@ -82,6 +85,8 @@ class SweepConfig:
             raise ValueError(f"seeds must be non-empty and >= 0, got {self.seeds}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {self.jobs}")
 
 
 @dataclass
@@ -101,6 +106,7 @@ class SweepPoint:
     flops_per_token: int
     val_loss: float | None = None
     step: int = 0
+    second_loss: float | None = None  # on SweepConfig.second_text
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -196,6 +202,7 @@ def _curve(points: Sequence[SweepPoint], kind: str, x: str) -> list[dict[str, An
     for xv in sorted(by_x, reverse=kind == "rho"):
         ps = by_x[xv]
         losses = [float(p.val_loss) for p in ps if p.val_loss is not None]
+        second = [float(p.second_loss) for p in ps if p.second_loss is not None]
         curve.append(
             {
                 x: xv,
@@ -206,6 +213,8 @@ def _curve(points: Sequence[SweepPoint], kind: str, x: str) -> list[dict[str, An
                 "val_loss": losses,
                 "mean": float(np.mean(losses)),
                 "std": float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0,
+                "second_loss": second,
+                "second_mean": float(np.mean(second)) if second else None,
             }
         )
     return curve
@@ -261,31 +270,34 @@ def run_sweep(
     template: EngramConfig | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
-    data: DataSplits | None = None,
 ) -> SweepResult:
     """Train every point of the sweep into `out_dir/<run>` (resuming), then plot and summarise."""
-    from engram.train import train
-
     sweep = sweep or SweepConfig()
     out = Path(out_dir)
     plan = sweep_points(baseline, sweep, template)
-    if data is None:
-        tokenizer = data_tokenizer(baseline.data)
-        data = prepare_data(baseline.data, tokenizer, separator_id(tokenizer))
+    second = None if sweep.second_text is None else (
+        sweep.second_text, "val", sweep.second_batches
+    )  # fmt: skip
+    prepare_caches(baseline, [] if second is None else [second[0]])
     result = SweepResult(out, [p for p, _ in plan])
-    done: dict[str, tuple[float | None, int]] = {}
-    for i, (point, cfg) in enumerate(plan):
-        if point.run not in done:
-            echo(
-                f"== [{i + 1}/{len(plan)}] {point.run}: {point.routed_experts} experts, "
-                f"{point.table_slots:,} table slots, {point.total_params:,} params"
-            )
-            r = train(cfg, out / point.run, progress=progress, data=data)
-            done[point.run] = (r.val_loss, r.step)
-            point.val_loss, point.step = done[point.run]
-            if r.history:  # trained now (not re-reported): refresh the files for watchers
-                _write(result)
-        point.val_loss, point.step = done[point.run]
+    jobs: dict[str, Job] = {}
+    for point, cfg in plan:
+        jobs.setdefault(point.run, Job(cfg, out / point.run, second))
+    names = list(jobs)
+
+    def done(i: int, r: JobResult) -> None:
+        for point in result.points:
+            if point.run == names[i]:
+                point.val_loss, point.step, point.second_loss = r.val_loss, r.step, r.second_loss
+        p = next(p for p in result.points if p.run == names[i])
+        echo(
+            f"== [{i + 1}/{len(names)}] {p.run}: {p.routed_experts} experts, "
+            f"{p.table_slots:,} table slots, {p.total_params:,} params: val {r.val_loss:.4f}"
+            + ("" if r.second_loss is None else f", second text {r.second_loss:.4f}")
+        )
+        _write(result)
+
+    run_jobs(list(jobs.values()), sweep.jobs, progress=progress, on_done=done)
     _write(result)
     return result
 
@@ -294,12 +306,15 @@ def format_sweep(result: SweepResult) -> str:
     """The two curves as text tables."""
 
     def table(head: str, curve: list[dict[str, Any]], first: Callable[[dict], str]) -> list[str]:
-        lines = [head + "   table slots   total params   val loss (per seed)  mean"]
+        second = any(c["second_mean"] is not None for c in curve)
+        lines = [head + "   table slots   total params   val loss (per seed)  mean"
+                 + ("   second text mean" if second else "")]  # fmt: skip
         for c in curve:
             per = ", ".join(f"{v:.4f}" for v in c["val_loss"])
+            sec = "" if c["second_mean"] is None else f"   {c['second_mean']:.4f}"
             lines.append(
                 f"{first(c)}  {c['table_slots']:>11,}  {c['total_params']:>13,}   "
-                f"{per:<19}  {c['mean']:.4f}"
+                f"{per:<19}  {c['mean']:.4f}{sec}"
             )
         return lines
 

@@ -58,8 +58,13 @@ def test_points_share_the_budget_and_the_table_backbone(analysis_env):
 
 def test_sweep_trains_reports_and_resumes(analysis_env, tmp_path):
     out = tmp_path / "sweep"
-    result = run_sweep(out, _base(), _small_sweep(), template=TEMPLATE, progress=False,
+    sweep = _small_sweep(second_text="builtin:bbe", second_batches=2)
+    result = run_sweep(out, _base(), sweep, template=TEMPLATE, progress=False,
                        echo=lambda _: None)  # fmt: skip
+    assert all(p.second_loss is not None and p.second_loss > 0 for p in result.points)
+    x1 = next(c for c in table_curve(result.points) if c["table_scale"] == 1.0)
+    assert x1["second_mean"] == next(p.second_loss for p in result.points if p.kind == "table"
+                                     and p.table_scale == 1.0)  # fmt: skip
     runs = {p.run for p in result.points}
     assert len(runs) == 3  # rho1, rho0.5 (= table x1), rho0.5-table0.5x
     for p in result.points:
@@ -76,13 +81,13 @@ def test_sweep_trains_reports_and_resumes(analysis_env, tmp_path):
 
     # A second call trains nothing: every run is finished and re-reported as it was.
     before = {r: _files(out / r) for r in runs}
-    again = run_sweep(out, _base(), _small_sweep(), template=TEMPLATE, progress=False,
+    again = run_sweep(out, _base(), sweep, template=TEMPLATE, progress=False,
                       echo=lambda _: None)  # fmt: skip
     assert [p.val_loss for p in again.points] == [p.val_loss for p in result.points]
     assert {r: _files(out / r) for r in runs} == before
 
     # Adding a rho trains only the new point.
-    more = run_sweep(out, _base(), _small_sweep(rhos=(1.0, 0.5, 0.25)), template=TEMPLATE,
+    more = run_sweep(out, _base(), replace(sweep, rhos=(1.0, 0.5, 0.25)), template=TEMPLATE,
                      progress=False, echo=lambda _: None)  # fmt: skip
     assert {r: _files(out / r) for r in runs} == before
     assert len({p.run for p in more.points}) == 4
@@ -130,7 +135,7 @@ def test_cli_sweep_errors_are_one_line(capsys, analysis_env, tmp_path):
 def test_cli_sweep_prints_the_result_as_json(capsys, analysis_env, tmp_path):
     argv = ["sweep", "--preset", "tiny-moe", "--out", str(tmp_path / "s"), "--rhos", "1,0.5",
             "--table-scales", "none", "--steps", "2", "--set", "train.eval_every=0",
-            "--no-progress", "--json"]  # fmt: skip
+            "--second-text", "none", "--no-progress", "--json"]  # fmt: skip
     assert main(argv) == 0
     d = json.loads(capsys.readouterr().out)
     assert [c["rho"] for c in d["rho_curve"]] == [1.0, 0.5]
