@@ -415,9 +415,7 @@ def format_ablation(result: AblationResult) -> str:
     """The arms as a text table, then the findings."""
     has_second = any(a.second for a in result.arms)
     head = f"{'arm':<18} {'table slots':>11} {'params':>11}  {'val loss mean ± std':>20}"
-    head += f"  {'vs engram':>9}" + (
-        f"  {'second text':>20}  {'vs engram':>9}" if has_second else ""
-    )
+    head += f"  {'- engram':>9}" + (f"  {'second text':>20}  {'- engram':>9}" if has_second else "")
     lines = [head]
     comp = comparisons(result)
 

@@ -87,6 +87,32 @@ def find_next_prime(start: int, seen: set[int]) -> int:
     return candidate
 
 
+def prime_table_sizes(
+    engram_vocab_size: list[int] | tuple[int, ...],
+    max_ngram_size: int,
+    n_head_per_ngram: int,
+    layer_ids: list[int] | tuple[int, ...],
+) -> dict[int, list[list[int]]]:
+    """Sub-table sizes {layer: [order][head]}: for each layer, order and head, the next prime
+    strictly above the running start (the order's target - 1, then the last prime found), never
+    one already used anywhere (one seen-set over all layers, orders and heads)."""
+    seen: set[int] = set()
+    out: dict[int, list[list[int]]] = {}
+    for layer_id in layer_ids:
+        per_order = []
+        for n in range(2, max_ngram_size + 1):
+            start = int(engram_vocab_size[n - 2]) - 1
+            heads = []
+            for _ in range(n_head_per_ngram):
+                prime = find_next_prime(start, seen)
+                seen.add(prime)
+                heads.append(prime)
+                start = prime
+            per_order.append(heads)
+        out[int(layer_id)] = per_order
+    return out
+
+
 # ----------------------------------------------------------------------------- kernel
 
 
@@ -168,20 +194,7 @@ class NgramHasher:
             r = rng.integers(low=0, high=half, size=(N,), dtype=np.int64)
             self._multipliers[layer_id] = r * 2 + 1
 
-        seen: set[int] = set()
-        self._table_sizes: dict[int, list[list[int]]] = {}
-        for layer_id in layers:
-            per_order = []
-            for n in range(2, N + 1):
-                start = self.engram_vocab_size[n - 2] - 1
-                heads = []
-                for _ in range(K):
-                    prime = find_next_prime(start, seen)
-                    seen.add(prime)
-                    heads.append(prime)
-                    start = prime
-                per_order.append(heads)
-            self._table_sizes[layer_id] = per_order
+        self._table_sizes = prime_table_sizes(self.engram_vocab_size, N, K, layers)
 
         # Stacked constants for the fused paths: (L, N), (L, N-1, K).
         self._mult_all = np.stack([self._multipliers[i] for i in layers])

@@ -23,6 +23,7 @@ from engram.compress import TokenizerCompressor
 from engram.config import EngramConfig
 from engram.data import DataConfig
 from engram.data_tokenizer import data_tokenizer
+from engram.hashing import prime_table_sizes
 from engram.model import ModelConfig, ParamCounts, count_params
 from engram.optim import OptimConfig
 from engram.plan import Plan, plan_allocation, table_rows
@@ -79,10 +80,28 @@ def plan_for(
     return cfg, plan
 
 
+def _total_rows(engram: EngramConfig, targets: tuple[int, ...]) -> int:
+    sizes = prime_table_sizes(
+        targets, engram.max_ngram_size, engram.n_head_per_ngram, engram.layer_ids
+    )
+    return sum(p for per_order in sizes.values() for heads in per_order for p in heads)
+
+
 def scaled_table(engram: EngramConfig, scale: float) -> EngramConfig:
-    """The same heads with every order's sub-table size target multiplied by `scale` (>= 2)."""
-    sizes = tuple(max(2, round(v * scale)) for v in engram.engram_vocab_size)
-    return replace(engram, engram_vocab_size=sizes)
+    """The same heads with every order's sub-table size target scaled so that the table's
+    actual rows (prime sizes) are at most `scale` x the original's for a shrink (scale < 1) and
+    at least that for a growth: a "16x smaller" table really is 16x smaller."""
+    full = _total_rows(engram, engram.engram_vocab_size)
+    factor = scale
+    for _ in range(10_000):
+        targets = tuple(max(2, round(v * factor)) for v in engram.engram_vocab_size)
+        rows = _total_rows(engram, targets)
+        if (rows <= scale * full) if scale < 1 else (rows >= scale * full):
+            return replace(engram, engram_vocab_size=targets)
+        if scale < 1 and all(t == 2 for t in targets):
+            raise ValueError(f"no table with these heads is {scale:g} x {full:,} rows or smaller")
+        factor *= 0.999 if scale < 1 else 1.001
+    raise ValueError(f"could not scale the table by {scale:g}")  # unreachable in practice
 
 
 def run_shape(cfg: RunConfig) -> tuple[ParamCounts, int]:

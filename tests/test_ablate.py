@@ -155,3 +155,18 @@ def test_cli_ablate_reports_and_refuses(tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
     code = main(["ablate", "--ckpt", str(run), "--controls", "magic"])
     assert code == 2 and "unknown --controls" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scale", [1 / 64, 1 / 16, 1 / 4, 4.0])
+def test_capacity_ladder_scales_the_real_rows(scale):
+    from dataclasses import replace
+
+    from engram.presets import demo_engram, scaled_table
+
+    cfg = demo_engram()
+    full = run_shape(cfg)[1]
+    rows = run_shape(replace(cfg, engram=scaled_table(cfg.engram, scale)))[1]
+    if scale < 1:
+        assert rows <= scale * full and rows > 0.9 * scale * full  # "16x smaller" is 16x smaller
+    else:
+        assert scale * full <= rows < 1.1 * scale * full
