@@ -33,6 +33,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+# Re-exported: the row-wise Adam moved to the leaf module engram.rowadam (stores import it).
+from engram.rowadam import coalesce_rows as coalesce_rows
+from engram.rowadam import sparse_adam_rows as sparse_adam_rows
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -83,50 +87,6 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: 
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def coalesce_rows(
-    rows: torch.Tensor, grads: torch.Tensor, num_rows: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row ids (N,) and their gradients (N, dim) -> sorted unique ids (U,) and summed rows (U, dim).
-
-    Duplicates are summed exactly as SparseAdam does (coalescing a sparse gradient); the sparse
-    tensor's size `num_rows` is logical only, nothing of that size is allocated.
-    """
-    sparse = torch.sparse_coo_tensor(
-        rows.unsqueeze(0), grads, (num_rows, grads.shape[1]), check_invariants=False
-    ).coalesce()
-    return sparse.indices()[0], sparse.values()
-
-
-@torch.no_grad()
-def sparse_adam_rows(
-    grad: torch.Tensor,
-    weight: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    step: int,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`torch.optim.SparseAdam`'s update of some rows, operation for operation: new (w, m, v).
-
-    All inputs are (U, dim) rows of coalesced gradient, value and both moments; `step` is the
-    table's step count after this update (bias correction). Tables that keep their rows outside
-    an `nn.Parameter` (on disk, sharded across ranks) share this one implementation.
-    """
-    beta1, beta2 = betas
-    m_upd = grad.sub(exp_avg).mul_(1 - beta1)
-    v_upd = grad.pow(2).sub_(exp_avg_sq).mul_(1 - beta2)
-    m_new, v_new = exp_avg + m_upd, exp_avg_sq + v_upd
-    numer = m_upd.add_(exp_avg)
-    denom = v_upd.add_(exp_avg_sq).sqrt_().add_(eps)
-    bc1 = 1 - beta1**step
-    bc2 = 1 - beta2**step
-    step_size = lr * math.sqrt(bc2) / bc1
-    w_new = weight + (-step_size * numer.div_(denom))
-    return w_new, m_new, v_new
 
 
 def _unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:

@@ -18,7 +18,7 @@ Design choices:
   mean over ranks is the global-batch gradient, exactly what DDP does for dense parameters.
   (`dist.all_to_all_single` is wrapped by hand: torch's functional
   `all_to_all_single_autograd` was seen to crash at process exit on CPU in about 1 run in 4.)
-- The owner applies `torch.optim.SparseAdam`'s update (`engram.optim.sparse_adam_rows`) to its
+- The owner applies `torch.optim.SparseAdam`'s update (`engram.rowadam.sparse_adam_rows`) to its
   own rows in `adam_step`, with moments kept only for its shard; the training loop steps it like
   any self-updating table. One process holding every row (W = 1) is the in-RAM run, and two
   ranks reproduce it up to float summation order (tested).
@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from engram.optim import coalesce_rows, sparse_adam_rows
+from engram.rowadam import coalesce_rows, sparse_adam_rows
 from engram.store.base import check_row_ids
 
 INIT_CHUNK_ROWS = 65536  # the chunking of DiskTrainedStore.create / write_table: same stream

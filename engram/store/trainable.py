@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from engram.atomic import atomic_open
-from engram.optim import coalesce_rows, sparse_adam_rows
+from engram.rowadam import coalesce_rows, sparse_adam_rows
 from engram.store.mmap import MmapRowStore
 from engram.store.tablefile import TableFileError, write_table
 
