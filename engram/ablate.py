@@ -453,3 +453,10 @@ def parse_scales(text: str) -> tuple[float, ...]:
         except (ValueError, ZeroDivisionError):
             raise ValueError(f"bad capacity scale {part!r}; expected e.g. 1/16 or 0.25") from None
     return tuple(out)
+
+
+def ablation_report(result: AblationResult, as_json: bool = False) -> str:
+    """What `engram ablate` prints: the JSON (`as_json`), or the table, findings and files."""
+    if as_json:
+        return json.dumps(result.to_dict(), indent=1)
+    return format_ablation(result) + "\nwrote " + ", ".join(str(v) for v in result.files.values())

@@ -325,3 +325,10 @@ def format_sweep(result: SweepResult) -> str:
     if tc:
         lines += ([""] if rc else []) + table("scale ", tc, lambda c: f"{c['table_scale']:<6g}")
     return "\n".join(lines)
+
+
+def sweep_report(result: SweepResult, as_json: bool = False) -> str:
+    """What `engram sweep` prints: the JSON (`as_json`), or the curves and the files written."""
+    if as_json:
+        return json.dumps(result.to_dict(), indent=1)
+    return format_sweep(result) + "\nwrote " + ", ".join(str(v) for v in result.files.values())

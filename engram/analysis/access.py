@@ -448,3 +448,19 @@ def analyze_access(
         report.json = out / JSON_FILE
         atomic_write_text(report.json, json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+def format_text(d: dict[str, Any]) -> list[str]:
+    """`engram analyze access`'s text: reads, the Zipf fit, hit rate by cache size."""
+    fit = d["zipf"]
+    lines = [
+        f"layer {d['layer_id']}: {d['n_reads']:,} row reads from {d['n_tokens']:,} tokens hit "
+        f"{d['n_distinct']:,} of {d['num_rows']:,} rows",
+        f"Zipf exponent {fit['exponent']:.3f} (R^2 {fit['r2']:.3f}); reads taken by the "
+        + ", ".join(f"{k} of rows: {v:.1%}" for k, v in d["top_share"].items()),
+        "hit rate by cache size (rows):",
+    ]
+    for policy, curve in d["hit_rate"].items():
+        cells = "  ".join(f"{c['rows']:,}:{c['hit_rate']:.1%}" for c in curve)
+        lines.append(f"  {policy:<7} {cells}")
+    return lines

@@ -348,3 +348,13 @@ def analyze_cka(
     )
     atomic_write_text(report.json, json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
     return report
+
+
+def format_text(d: dict[str, Any]) -> list[str]:
+    """`engram analyze cka`'s text: the CKA matrix, from `CKAReport.to_dict()`."""
+    a, b = d["run_a"]["name"], d["run_b"]["name"]
+    lines = [f"linear CKA, rows = {a} layers, columns = {b} layers ({d['n_tokens']:,} tokens)"]
+    lines.append("       " + " ".join(f"{c:>6}" for c in d["cols"]))
+    for lab, row in zip(d["rows"], d["cka"], strict=True):
+        lines.append(f"  {lab:>4} " + " ".join(f"{v:6.3f}" for v in row))
+    return lines

@@ -249,3 +249,14 @@ def analyze_gates(
     return gates_report(
         parts.model, parts.indexer, out_dir, text, truncate=truncate, top=top, source=source
     )
+
+
+def format_text(d: dict[str, Any]) -> list[str]:
+    """`engram analyze gates`'s text: mean gate per row, highest and lowest tokens."""
+    lines = [f"{d['n_tokens_read']} tokens" + (" (truncated)" if d["truncated"] else "")]
+    for label, values in d["rows"].items():
+        lines.append(f"  {label}: mean gate {sum(values) / len(values):.3f}")
+    for key in ("highest", "lowest"):
+        items = ", ".join(f"{r['token']!r} {r['mean_gate']:.2f}" for r in d["ranking"][key][:8])
+        lines.append(f"{key} gates: {items}")
+    return lines

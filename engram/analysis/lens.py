@@ -237,3 +237,12 @@ def analyze_logit_lens(
     )
     atomic_write_text(report.json, json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
     return report
+
+
+def format_text(d: dict[str, Any]) -> list[str]:
+    """`engram analyze lens`'s text: mean KL per layer and run, from `LensReport.to_dict()`."""
+    lines = [f"mean KL(final || layer) in nats over {d['n_tokens']:,} validation tokens"]
+    for name, r in d["runs"].items():
+        cells = "  ".join(f"{lab}:{v:.4f}" for lab, v in zip(r["layers"], r["kl"], strict=True))
+        lines.append(f"  {name:<12} {cells}")
+    return lines

@@ -692,3 +692,29 @@ def _row_norms_png(
 def _short(text: str, n: int = 30) -> str:
     text = visible(text.strip())
     return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def format_text(d: dict[str, Any]) -> list[str]:
+    """`engram analyze memory`'s text: per-layer collisions, n-gram hits, rows explained."""
+    lines = []
+    for layer in d["layers"]:
+        lines.append(
+            f"layer {layer['layer_id']}: {layer['frac_rows_hit']:.2%} of rows hit by a frequent "
+            f"n-gram; {layer['mean_collisions']:.2f} collisions per frequent n-gram "
+            f"(uniform hashing: {layer['expected_collisions_uniform']:.2f})"
+        )
+    for q in d["ngrams"]:
+        lines.append(f"n-gram {q['tokenized']!r}:")
+        for h in q["hits"]:
+            lines.append(
+                f"  layer {h['layer_id']} head {h['head']} ({h['ngram_text']!r}, count "
+                f"{h['count']}): row {h['local_row']}, norm {h['norm']:.3f} "
+                f"(p{h['norm_percentile']:.0f}), {h['n_colliding']} colliding n-grams"
+            )
+    for r in d["rows"]:
+        top = ", ".join(f"{g['text']!r} x{g['count']}" for g in r["ngrams"][:5])
+        lines.append(
+            f"row {r['layer_id']}:{r['head']}:{r['local_row']} (norm {r['norm']:.3f}): "
+            f"{r['n_ngrams']} frequent n-grams: {top}"
+        )
+    return lines

@@ -425,3 +425,19 @@ def analyze_sensitivity(
         parts.model, parts.indexer, batches, out_dir, per_layer=per_layer, top=top,
         min_count=min_count, passage_tokens=passage_tokens, source=source,
     )  # fmt: skip
+
+
+def format_text(d: dict[str, Any]) -> list[str]:
+    """`engram analyze sensitivity`'s text: losses, the per-token change, the most hurt types."""
+    loss = d["val_loss"]
+    lines = [f"validation loss over {d['n_tokens']:,} tokens:"]
+    lines += [f"  {name:<24} {v:.4f}" for name, v in loss.items()]
+    st = d["delta"]
+    lines.append(
+        f"per-token loss change with Engram off: mean {st['mean']:+.4f}, median "
+        f"{st['median']:+.4f}, {st['frac_positive']:.1%} of tokens lose"
+    )
+    types = ", ".join(f"{t['token']!r} {t['mean_delta']:+.2f}"
+                      for t in d["token_types_losing_most"][:8])  # fmt: skip
+    lines.append(f"token types losing the most: {types}")
+    return lines
