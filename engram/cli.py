@@ -397,7 +397,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_table(args: argparse.Namespace) -> None:
-    from engram.store.export import describe_table, export_tables
+    from engram.export import describe_table, export_tables
 
     if args.table_command == "export":
         files = export_tables(args.ckpt, args.out, dtype=args.dtype)

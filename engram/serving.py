@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from engram.checkpoint import TABLES_DIR, Checkpoint, read_checkpoint
+from engram.export import export_tables
 from engram.store.base import RowStore
 from engram.store.cache import CachedRowStore
-from engram.store.export import export_tables, table_file_name
 from engram.store.mmap import MmapRowStore
 from engram.store.prefetch import Prefetcher, PrefetchingStore
 from engram.store.tablefile import DTYPE_CODES
+from engram.store.tables import table_file_name
 from engram.train import RunParts, load_trained
 
 STORES = ("ram", "mmap")
@@ -157,8 +158,8 @@ def load_served(
     if tier.store == "ram":
         ckpt = read_checkpoint(ckpt_path)
         if ckpt.state.get("tables"):  # trained on disk: bring the tables into RAM
-            from engram.store.export import read_tables
             from engram.store.memory import MemoryRowStore
+            from engram.store.tables import read_tables
 
             files = table_files(ckpt, tier)
             stores: dict[int, RowStore] = {}

@@ -199,7 +199,7 @@ def test_killed_run_keeps_last_checkpoint_and_resumes(
 
 
 def test_export_of_a_disk_trained_checkpoint_is_exact(runs, tmp_path: Path) -> None:
-    from engram.store import export_tables, read_tables
+    from engram.export import export_tables, read_tables
 
     files = export_tables(runs["mmap"], tmp_path / "tables")
     assert torch.equal(read_tables(files)[1], _table(runs["mmap"]))

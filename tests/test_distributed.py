@@ -258,7 +258,7 @@ def test_two_ranks_match_one_process_with_accumulation_and_branches(cache_dir, t
 
 
 def test_sharded_tables_export_in_one_process(runs, tmp_path):
-    from engram.store.export import export_tables, read_tables
+    from engram.export import export_tables, read_tables
 
     parts, _ = load_trained(runs["two"])
     files = export_tables(runs["two"], tmp_path / "tables")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from engram.export import export_tables
 from engram.store import (
     MemoryRowStore,
     MmapRowStore,
@@ -23,7 +24,6 @@ from engram.store import (
     create_table_file,
     dequantize_int8,
     describe_table,
-    export_tables,
     quantize_int8,
     read_header,
     read_table,

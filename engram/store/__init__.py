@@ -2,12 +2,12 @@
 
 The Engram layer only calls `store.gather(global_rows)`; which tier served a row (RAM, mmap file,
 cache, prefetch, another rank) is the store's business. Tables persist as `.engt` table files
-(`tablefile`), which `MmapRowStore` serves zero-copy and `export_tables` writes from a checkpoint.
+(`tablefile`), which `MmapRowStore` serves zero-copy (`engram.export.export_tables` writes them from
+a checkpoint: the store package imports nothing above it).
 """
 
 from engram.store.base import RowOutOfRangeError, RowStore, check_row_ids
 from engram.store.cache import CachedRowStore, CacheStats
-from engram.store.export import describe_table, export_tables, read_tables, table_file_name
 from engram.store.memory import MemoryRowStore
 from engram.store.mmap import MmapRowStore, create_table_file
 from engram.store.prefetch import Prefetcher, PrefetchHandle, PrefetchingStore, PrefetchStats
@@ -22,6 +22,7 @@ from engram.store.tablefile import (
     verify_table,
     write_table,
 )
+from engram.store.tables import describe_table, read_tables, table_file_name
 from engram.store.trainable import DiskTrainedStore
 
 __all__ = [
@@ -45,7 +46,6 @@ __all__ = [
     "create_table_file",
     "dequantize_int8",
     "describe_table",
-    "export_tables",
     "quantize_int8",
     "read_header",
     "read_table",

@@ -1,4 +1,4 @@
-"""Checkpoint <-> table files: export a trained model's Engram tables to `.engt` files.
+"""Checkpoint -> table files: export a trained model's Engram tables to `.engt` files.
 
 Design choices:
 - One file per Engram layer (`table_L{layer_id}.engt` in a directory, or a single `.engt` path for a
@@ -13,36 +13,29 @@ Design choices:
   layer's prime sub-table sizes, which depend only on the Engram config (not on the tokenizer),
   and are checked to add up to the tensor's rows.
 - fp32 export is bit-exact: `read_tables` of an fp32 export equals the checkpoint tensors.
+- This module sits above both `engram.checkpoint` and `engram.store` (it reads the former and
+  writes through the latter), so the store package depends on nothing above it; `read_tables`,
+  `describe_table` and `table_file_name` live in `engram.store.tables` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from torch import Tensor
 
 from engram.checkpoint import MODEL_FILE, TABLE_KEY, TABLES_DIR, CheckpointError, read_checkpoint
 from engram.hashing import NgramHasher
 from engram.store.mmap import MmapRowStore
-from engram.store.tablefile import (
-    SUFFIX,
-    TableHeader,
-    read_header,
-    read_table,
-    verify_table,
-    write_table,
-)
+from engram.store.tablefile import SUFFIX, write_table
+from engram.store.tables import describe_table, read_tables, table_file_name
 
-
-def table_file_name(layer_id: int) -> str:
-    """The file name `export_tables` gives layer `layer_id`'s table in a directory."""
-    return f"table_L{layer_id}{SUFFIX}"
+__all__ = ["describe_table", "export_tables", "read_tables", "table_file_name"]
 
 
 def _sub_table_sizes(engram_cfg: Mapping[str, Any]) -> dict[int, list[int]]:
@@ -168,52 +161,3 @@ def export_tables(
                     store.close()
             written[lid] = target
     return written
-
-
-def read_tables(
-    paths: Mapping[int, str | os.PathLike[str]] | Iterable[str | os.PathLike[str]],
-    *,
-    dtype: torch.dtype = torch.float32,
-    verify: bool = True,
-    expected_fingerprint: str | None = None,
-) -> dict[int, Tensor]:
-    """Whole tables, dequantised to `dtype`, keyed by the layer id each file's header records."""
-    files = paths.values() if isinstance(paths, Mapping) else paths
-    out: dict[int, Tensor] = {}
-    for p in files:
-        lid = read_header(p, expected_fingerprint=expected_fingerprint).layer_id
-        if lid in out:
-            raise ValueError(f"two table files hold Engram layer {lid} (the second is {p})")
-        out[lid] = read_table(
-            p, dtype=dtype, verify=verify, expected_fingerprint=expected_fingerprint
-        )
-    return out
-
-
-def describe_table(
-    path: str | os.PathLike[str], *, verify: bool = True, sample_rows: int = 4096
-) -> dict[str, Any]:
-    """A JSON-able summary of a table file (for `engram table inspect`).
-
-    Header fields, size on disk, bytes per row, whether the data crc was verified, and row-norm
-    statistics over up to `sample_rows` evenly spaced rows (dequantised to float32).
-    """
-    path = Path(path)
-    h: TableHeader = verify_table(path) if verify else read_header(path, allow_dirty=True)
-    info: dict[str, Any] = {"path": str(path), **h.to_dict()}
-    info["size_on_disk"] = path.stat().st_size
-    info["verified"] = bool(verify)
-    n = min(int(sample_rows), h.num_rows)
-    if n > 0:
-        with MmapRowStore(path, allow_dirty=not verify) as store:
-            idx = torch.linspace(0, h.num_rows - 1, n).round().long().unique()  # (n,)
-            norms = store.gather(idx).norm(dim=-1)  # (n,)
-        info["row_norm"] = {
-            "sampled_rows": int(idx.numel()),
-            "mean": float(norms.mean()),
-            "std": float(norms.std()) if norms.numel() > 1 else 0.0,
-            "min": float(norms.min()),
-            "max": float(norms.max()),
-            "zero_rows": int((norms == 0).sum()),
-        }
-    return info
