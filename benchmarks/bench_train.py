@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from engram.data import BatchLoader, prepare_data
-from engram.data_tokenizer import data_tokenizer
+from engram.data.tokenize import data_tokenizer
 from engram.demo import demo_configs
 from engram.optim import build_optimizer
 from engram.run_config import apply_overrides

@@ -73,7 +73,7 @@ def _indexer(args: argparse.Namespace) -> tuple[NgramIndexer, str]:
         return NgramIndexer.builtin(cfg), "GPT-2 BPE (built in, offline)"
     from engram.compress import TokenizerCompressor
     from engram.data import DataConfig
-    from engram.data_tokenizer import bpe_vocab_size, data_tokenizer
+    from engram.data.tokenize import bpe_vocab_size, data_tokenizer
     from engram.tokenizer import separator_id
 
     source = getattr(args, "data", None) or "builtin:kjv"

@@ -35,7 +35,7 @@ from engram.analysis.gate_report import gate_rows, plot_gate_panels
 from engram.analysis.gates import GateReading, gate_values
 from engram.atomic import atomic_write_text
 from engram.data import prepare_data
-from engram.data_tokenizer import data_tokenizer
+from engram.data.tokenize import data_tokenizer
 from engram.plan import Plan, format_plan
 from engram.plots import plot_loss_curves
 from engram.presets import DEMO_RHO, demo_moe, plan_for, quick_moe, run_shape

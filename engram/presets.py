@@ -22,7 +22,7 @@ from types import MappingProxyType
 from engram.compress import TokenizerCompressor
 from engram.config import EngramConfig
 from engram.data import DataConfig
-from engram.data_tokenizer import data_tokenizer
+from engram.data.tokenize import data_tokenizer
 from engram.hashing import prime_table_sizes
 from engram.model import ModelConfig, ParamCounts, count_params
 from engram.optim import OptimConfig

@@ -75,7 +75,7 @@ def prepare_caches(cfg: RunConfig, second_sources: Sequence[str] = ()) -> None:
     """Build the tokenizer, compressor and token caches the jobs will read, once."""
     from engram.compress import TokenizerCompressor
     from engram.data import prepare_data
-    from engram.data_tokenizer import data_tokenizer
+    from engram.data.tokenize import data_tokenizer
     from engram.tokenizer import separator_id
 
     tok = data_tokenizer(cfg.data)

@@ -56,7 +56,7 @@ from engram.checkpoint import (
 )
 from engram.compress import TokenizerCompressor
 from engram.data import BatchLoader, DataSplits, check_shard, prepare_data
-from engram.data_tokenizer import data_tokenizer
+from engram.data.tokenize import data_tokenizer
 from engram.indexer import NgramIndexer
 from engram.model import EngramLM, ParamCounts
 from engram.optim import build_optimizer, lr_multiplier

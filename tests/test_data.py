@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import itertools
 import json
 import os
@@ -17,6 +18,8 @@ import pytest
 import torch
 
 import engram.data as data_mod
+import engram.data.cache as cache_mod
+import engram.data.sources as sources_mod
 from engram.config import small_config
 from engram.corpus import iter_builtin_documents
 from engram.data import (
@@ -88,13 +91,13 @@ def splits(txt_source, tmp_path, gpt2_tokenizer) -> data_mod.DataSplits:
 def encode_counter(monkeypatch) -> list[int]:
     """Counts the documents sent to the tokenizer by the cache builder."""
     calls = [0]
-    real = data_mod._encode_batch
+    real = cache_mod._encode_batch
 
     def counting(tokenizer, texts):
         calls[0] += len(texts)
         return real(tokenizer, texts)
 
-    monkeypatch.setattr(data_mod, "_encode_batch", counting)
+    monkeypatch.setattr(cache_mod, "_encode_batch", counting)
     return calls
 
 
@@ -319,7 +322,7 @@ def test_cache_without_groups_is_not_used(txt_source, tmp_path, gpt2_tokenizer, 
         TokenizedCorpus.load(old)
     payload = {"format": "engram.data/v1", "source": meta["source_fingerprint"]}
     payload |= {"tokenizer": meta["tokenizer_fingerprint"], "sep_id": EOT_ID, "text_field": "text"}
-    v1_key = data_mod.hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    v1_key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     assert v1_key != good.key == data_mod.cache_key(txt_source, gpt2_tokenizer, EOT_ID)
 
 
@@ -468,7 +471,7 @@ def test_builtin_chapter_references_split_together():
 def few_chapters(monkeypatch) -> int:
     """Restrict each built-in translation to its first chapters (Genesis 1-50, Exodus 1-5)."""
     n = 55
-    real = data_mod.iter_builtin_documents
+    real = sources_mod.iter_builtin_documents
     parsed: dict[str, list] = {}  # each translation parsed once per test
 
     def first(name: str) -> list:
@@ -479,7 +482,7 @@ def few_chapters(monkeypatch) -> int:
     def subset(translations):
         return itertools.chain.from_iterable(first(t) for t in translations)
 
-    monkeypatch.setattr(data_mod, "iter_builtin_documents", subset)
+    monkeypatch.setattr(sources_mod, "iter_builtin_documents", subset)
     return n
 
 

@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from engram.data import DataConfig, DataError, prepare_data
-from engram.data_tokenizer import corpus_bpe, data_tokenizer, training_texts
+from engram.data.tokenize import corpus_bpe, data_tokenizer, training_texts
 from engram.tokenizer import EOT_ID, separator_id, train_bpe
 
 

@@ -27,8 +27,9 @@ import tokenizers
 from tokenizers import Tokenizer
 
 from engram.atomic import atomic_write_text
-from engram.data import DataConfig, DataError, iter_grouped_documents, source_fingerprint
-from engram.data import split_documents as _split
+from engram.data.config import DataConfig, DataError
+from engram.data.packing import split_documents as _split
+from engram.data.sources import iter_grouped_documents, source_fingerprint
 from engram.tokenizer import (
     EOT_TOKEN,
     load_builtin_tokenizer,
