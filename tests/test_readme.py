@@ -1,4 +1,8 @@
-"""Every Python example in the README runs and its assertions hold."""
+"""The README's Python examples run and its test command is the one CI runs.
+
+The manual's pages (docs/*.md), the `engram` command lines and the links of every page are
+checked in tests/test_docs.py.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,25 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+TEXT = README.read_text(encoding="utf-8")
+BLOCKS = re.findall(r"^```python\n(.*?)^```", TEXT, flags=re.M | re.S)
 
 
 def test_readme_has_examples():
-    assert len(BLOCKS) >= 2
+    assert len(BLOCKS) >= 1
+
+
+def test_readme_test_command_is_ci():
+    """The README's test command is exactly the one .ci/run calls."""
+    bash = re.findall(r"^```bash\n(.*?)^```", TEXT, flags=re.M | re.S)
+    tests = [line for b in bash for line in b.splitlines() if "pytest" in line]
+    assert tests, "no test command in the README"
+    command = tests[0].split("&&")[-1].strip()
+    assert command == "python3 -m pytest -q"
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert command in [line.strip() for line in ci]
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
