@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from engram.analysis.gate_report import gate_rows, plot_gate_panels
+from engram.analysis.gate_report import GATE_SENTENCE, gate_rows, plot_gate_panels
 from engram.analysis.gates import GateReading, gate_values
 from engram.atomic import atomic_write_text
 from engram.data import prepare_data
@@ -46,12 +46,6 @@ from engram.train import METRICS_FILE, load_trained, read_metrics
 
 # A text none of the demo's models trains on: the held-out chapters in Basic English.
 SECOND_TEXT = "builtin:bbe"
-
-# Multi-token names and fixed phrases from the corpus' world (not a training sentence verbatim).
-GATE_SENTENCE = (
-    "And Nebuchadnezzar the king of Babylon went up against Jerusalem, and Melchizedek "
-    "king of Salem brought forth bread and wine unto the children of Israel."
-)
 
 
 @dataclass(frozen=True)

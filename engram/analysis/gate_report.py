@@ -43,6 +43,13 @@ from engram.indexer import NgramIndexer
 from engram.model import EngramLM
 from engram.plots import _save
 
+# Multi-token names and fixed phrases from the corpus' world (not a training sentence verbatim);
+# the demo reads its gate heatmap on it too (engram.demo imports it from here).
+GATE_SENTENCE = (
+    "And Nebuchadnezzar the king of Babylon went up against Jerusalem, and Melchizedek "
+    "king of Salem brought forth bread and wine unto the children of Israel."
+)
+
 PANEL_TOKENS = 40  # tokens per heatmap panel
 PNG_MAX_TOKENS = 240  # tokens drawn in gates.png at most (6 panels)
 
@@ -182,12 +189,10 @@ def gates_report(
     source: dict[str, Any] | None = None,
 ) -> GatesReport:
     """The gates report of an in-memory model (see the module docstring); `analyze_gates` loads
-    a run and calls this. `text` defaults to `engram.demo.GATE_SENTENCE`."""
+    a run and calls this. `text` defaults to `GATE_SENTENCE`."""
     if not model.engram_layers():
         raise NoEngramError("this model has no Engram layers: there are no gates to report")
     if text is None:
-        from engram.demo import GATE_SENTENCE  # lazy: engram.demo imports engram.analysis
-
         text = GATE_SENTENCE
     if not text.strip():
         raise ValueError("text is empty; expected a text to read the gates on")
