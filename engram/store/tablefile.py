@@ -67,7 +67,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -302,6 +302,27 @@ def read_header(
         raise TableFileError(f"table file {path} is a directory") from None
 
 
+class _Fixed(NamedTuple):
+    """The fixed-size part of a header, as `_FIXED` unpacks it (field order of the format)."""
+
+    magic: bytes
+    version: int
+    header_nbytes: int
+    header_crc: int
+    flags: int
+    code: int
+    dim: int
+    num_rows: int
+    layer_id: int
+    data_crc: int
+    data_offset: int
+    data_nbytes: int
+    scale_offset: int
+    scale_nbytes: int
+    fp_raw: bytes
+    meta_nbytes: int
+
+
 def _parse_header(
     path: Path,
     f: BinaryIO,
@@ -310,6 +331,29 @@ def _parse_header(
     expected_fingerprint: str | None,
     allow_dirty: bool,
 ) -> TableHeader:
+    """Validate a header in the order a reader trusts it: the bytes are ours (magic), whole and
+    intact (sizes, crc), then say something consistent (layout, file size), then fit the caller
+    (sealed, fingerprint)."""
+    _check_magic(path, size, head)
+    fixed, buf = _read_fixed(path, f, size, head)
+    h = _decode_header(path, fixed, buf)
+    _check_layout(path, h, size)
+    if h.dirty and not allow_dirty:
+        raise TableFileError(
+            f"table file {path} is not sealed: a writer crashed or still has it open (DIRTY flag "
+            "set); its rows and checksum may disagree. Pass allow_dirty=True to read it anyway, or "
+            "reseal it: MmapRowStore(path, writable=True, allow_dirty=True).close()"
+        )
+    if expected_fingerprint is not None and h.fingerprint != expected_fingerprint:
+        raise TableFileError(
+            f"table file {path} was built for hash configuration {h.fingerprint[:16]}, but "
+            f"{expected_fingerprint[:16]} was expected: its rows address different n-grams"
+        )
+    return h
+
+
+def _check_magic(path: Path, size: int, head: bytes) -> None:
+    """The file starts with the magic and holds at least the fixed header."""
     if len(head) < len(MAGIC) or head[: len(MAGIC)] != MAGIC:
         if len(head) < len(MAGIC) and MAGIC.startswith(head):
             raise TableFileError(
@@ -323,27 +367,16 @@ def _parse_header(
             f"table file {path} is truncated: {size} bytes, shorter than the {_FIXED.size}-byte "
             "fixed header"
         )
-    (
-        _magic,
-        version,
-        header_nbytes,
-        header_crc,
-        flags,
-        code,
-        dim,
-        num_rows,
-        layer_id,
-        data_crc,
-        data_offset,
-        data_nbytes,
-        scale_offset,
-        scale_nbytes,
-        fp_raw,
-        meta_nbytes,
-    ) = _FIXED.unpack_from(head)
-    if version != FORMAT_VERSION:
+
+
+def _read_fixed(path: Path, f: BinaryIO, size: int, head: bytes) -> tuple[_Fixed, bytearray]:
+    """The fixed fields and the whole header (crc field zeroed), once version, size and header
+    crc check out; reads the rest of a header longer than `head` from `f`."""
+    fixed = _Fixed._make(_FIXED.unpack_from(head))
+    header_nbytes = fixed.header_nbytes
+    if fixed.version != FORMAT_VERSION:
         raise TableFileError(
-            f"table file {path} has format version {version}; this engram reads version "
+            f"table file {path} has format version {fixed.version}; this engram reads version "
             f"{FORMAT_VERSION}"
         )
     if header_nbytes < _FIXED.size or header_nbytes % PAGE:
@@ -361,70 +394,69 @@ def _parse_header(
     buf = bytearray(head[:header_nbytes])
     struct.pack_into("<I", buf, _CRC_OFFSET, 0)
     actual_crc = zlib.crc32(buf)
-    if actual_crc != header_crc:
+    if actual_crc != fixed.header_crc:
         raise TableFileError(
             f"table file {path} has a corrupt header: header crc32 {actual_crc:08x}, expected "
-            f"{header_crc:08x} as recorded"
+            f"{fixed.header_crc:08x} as recorded"
         )
-    # From here on the header is what the writer wrote; inconsistencies are format bugs.
-    if code not in _CODE_DTYPES:
+    return fixed, buf
+
+
+def _decode_header(path: Path, fixed: _Fixed, buf: bytearray) -> TableHeader:
+    """The `TableHeader` of an intact header: dtype code, metadata and fingerprint decoded.
+
+    From here on the header is what the writer wrote; inconsistencies are format bugs."""
+    if fixed.code not in _CODE_DTYPES:
         raise TableFileError(
-            f"table file {path} has unknown dtype code {code}; expected one of "
+            f"table file {path} has unknown dtype code {fixed.code}; expected one of "
             f"{sorted(_CODE_DTYPES)}"
         )
-    if _FIXED.size + meta_nbytes > header_nbytes:
+    meta_end = _FIXED.size + fixed.meta_nbytes
+    if meta_end > fixed.header_nbytes:
         raise TableFileError(f"table file {path}: metadata overruns the header")
     try:
-        meta = json.loads(bytes(buf[_FIXED.size : _FIXED.size + meta_nbytes]).decode("utf-8"))
-        fingerprint = fp_raw.rstrip(b"\0").decode("ascii")
+        meta = json.loads(bytes(buf[_FIXED.size : meta_end]).decode("utf-8"))
+        fingerprint = fixed.fp_raw.rstrip(b"\0").decode("ascii")
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TableFileError(f"table file {path}: unreadable metadata or fingerprint: {e}") from e
-    h = TableHeader(
-        version=version,
-        dtype=_CODE_DTYPES[code],
-        num_rows=num_rows,
-        dim=dim,
+    return TableHeader(
+        version=fixed.version,
+        dtype=_CODE_DTYPES[fixed.code],
+        num_rows=fixed.num_rows,
+        dim=fixed.dim,
         fingerprint=fingerprint,
-        layer_id=layer_id,
+        layer_id=fixed.layer_id,
         meta=meta,
-        data_offset=data_offset,
-        data_nbytes=data_nbytes,
-        scale_offset=scale_offset,
-        scale_nbytes=scale_nbytes,
-        flags=flags,
-        data_crc=data_crc,
-        header_nbytes=header_nbytes,
+        data_offset=fixed.data_offset,
+        data_nbytes=fixed.data_nbytes,
+        scale_offset=fixed.scale_offset,
+        scale_nbytes=fixed.scale_nbytes,
+        flags=fixed.flags,
+        data_crc=fixed.data_crc,
+        header_nbytes=fixed.header_nbytes,
     )
-    want_scales = num_rows * 4 if h.dtype == "int8" else 0
+
+
+def _check_layout(path: Path, h: TableHeader, size: int) -> None:
+    """The regions follow from the row count, dim and dtype, and the file has exactly their size."""
+    want_scales = h.num_rows * 4 if h.dtype == "int8" else 0
     if (
-        data_offset != header_nbytes
-        or data_nbytes != num_rows * dim * ITEMSIZE[h.dtype]
-        or scale_nbytes != want_scales
-        or (want_scales and scale_offset != _align(data_offset + data_nbytes, SCALE_ALIGN))
+        h.data_offset != h.header_nbytes
+        or h.data_nbytes != h.num_rows * h.dim * ITEMSIZE[h.dtype]
+        or h.scale_nbytes != want_scales
+        or (want_scales and h.scale_offset != _align(h.data_offset + h.data_nbytes, SCALE_ALIGN))
     ):
         raise TableFileError(
-            f"table file {path} has an inconsistent header: {num_rows} x {dim} {h.dtype} rows "
-            f"but data at [{data_offset}, +{data_nbytes}) and scales at "
-            f"[{scale_offset}, +{scale_nbytes})"
+            f"table file {path} has an inconsistent header: {h.num_rows} x {h.dim} {h.dtype} rows "
+            f"but data at [{h.data_offset}, +{h.data_nbytes}) and scales at "
+            f"[{h.scale_offset}, +{h.scale_nbytes})"
         )
     if size != h.file_nbytes:
         state = "truncated" if size < h.file_nbytes else "longer than its header says"
         raise TableFileError(
             f"table file {path} is {state}: {size} bytes, expected {h.file_nbytes} "
-            f"({num_rows} x {dim} {h.dtype} rows)"
+            f"({h.num_rows} x {h.dim} {h.dtype} rows)"
         )
-    if h.dirty and not allow_dirty:
-        raise TableFileError(
-            f"table file {path} is not sealed: a writer crashed or still has it open (DIRTY flag "
-            "set); its rows and checksum may disagree. Pass allow_dirty=True to read it anyway, or "
-            "reseal it: MmapRowStore(path, writable=True, allow_dirty=True).close()"
-        )
-    if expected_fingerprint is not None and fingerprint != expected_fingerprint:
-        raise TableFileError(
-            f"table file {path} was built for hash configuration {fingerprint[:16]}, but "
-            f"{expected_fingerprint[:16]} was expected: its rows address different n-grams"
-        )
-    return h
 
 
 def data_crc(f: BinaryIO, h: TableHeader, *, chunk_nbytes: int = _IO_CHUNK) -> int:
