@@ -131,13 +131,14 @@ class EngramOptimizer:
         return out
 
     def dense_parameters(self) -> list[nn.Parameter]:
-        return [p for g in self.dense.param_groups for p in g["params"]]
+        """The dense optimizer's backbone parameters (a dense-gradient table's group excluded)."""
+        return [p for g in self.dense.param_groups if not g.get("table") for p in g["params"]]
 
     def set_lr(self, multiplier: float) -> None:
         """Set every group to its base rate times `multiplier` (the schedule's factor)."""
-        for group in self.dense.param_groups:
-            group["lr"] = self.cfg.lr * multiplier
         self.table_lr = self.cfg.lr * self.cfg.table_lr_mult * multiplier
+        for group in self.dense.param_groups:
+            group["lr"] = self.table_lr if group.get("table") else self.cfg.lr * multiplier
         if self.table is not None:
             for group in self.table.param_groups:
                 group["lr"] = self.table_lr
@@ -189,18 +190,32 @@ def build_optimizer(
     Raises `AssertionError` if the groups do not partition `model.parameters()` exactly.
     With `cfg.frozen_tables` the table parameters stop requiring gradients and no optimizer
     holds them (nor steps a table that updates itself).
+
+    A table whose module has `sparse=False` (e.g. `MemoryRowStore(sparse=False)`, or an
+    `nn.Embedding`) produces dense gradients, which SparseAdam refuses: it gets dense Adam in its
+    own group of the dense optimizer (weight decay 0, the table learning rate, marked
+    `"table": True`), outside gradient clipping like every table. Its Adam moments are dense too,
+    and every row moves every step (momentum): meant for small tables.
     """
     if table_params is None:
         getter = getattr(model, "table_parameters", None)
         table_params = getter() if callable(getter) else []
     tables = _unique(table_params)
     table_ids = {id(p) for p in tables}
+    dense_grad_ids = {
+        id(p)
+        for m in model.modules()
+        if getattr(m, "sparse", None) is False
+        for p in m.parameters(recurse=False)
+    }
+    dense_tables = [p for p in tables if id(p) in dense_grad_ids]
+    tables = [p for p in tables if id(p) not in dense_grad_ids]
     everything = _unique(model.parameters())
     dense = [p for p in everything if id(p) not in table_ids]
     decay = [p for p in dense if p.dim() >= 2]
     no_decay = [p for p in dense if p.dim() < 2]
 
-    groups = [decay, no_decay, tables]
+    groups = [decay, no_decay, tables, dense_tables]
     counts: dict[int, int] = {}
     for group in groups:
         for p in group:
@@ -213,17 +228,18 @@ def build_optimizer(
     )
 
     betas = (cfg.beta1, cfg.beta2)
-    dense_opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=betas,
-        eps=cfg.eps,
-    )
+    dense_groups: list[dict[str, Any]] = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if dense_tables and not cfg.frozen_tables:
+        dense_groups.append(
+            {"params": dense_tables, "weight_decay": 0.0, "lr": cfg.lr * cfg.table_lr_mult,
+             "table": True}
+        )  # fmt: skip
+    dense_opt = torch.optim.AdamW(dense_groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
     if cfg.frozen_tables:
-        for p in tables:
+        for p in tables + dense_tables:
             p.requires_grad_(False)
     table_opt = (
         torch.optim.SparseAdam(tables, lr=cfg.lr * cfg.table_lr_mult, betas=betas, eps=cfg.eps)

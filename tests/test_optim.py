@@ -93,3 +93,71 @@ def test_state_dict_round_trip():
     assert again.state_dict()["table"]["state"].keys() == state["table"]["state"].keys()
     with pytest.raises(ValueError, match="parts"):
         again.load_state_dict({"dense": state["dense"]})
+
+
+def _dense_grad_layer():
+    """A bare Engram layer whose table gives dense gradients (`sparse=False`)."""
+    from engram.layer import Engram
+
+    torch.manual_seed(0)
+    layer = Engram(16, (11, 13, 17, 19), 4, 3, sparse=False, table_std=0.1)
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 9, 16, generator=gen)
+    rows = torch.stack([torch.randint(0, s, (2, 9), generator=gen) for s in (11, 13, 17, 19)], -1)
+    target = torch.randn(2, 9, 16, generator=gen)
+    return layer, hidden, rows, target
+
+
+def test_dense_gradient_table_gets_dense_adam_at_the_table_lr():
+    layer, hidden, rows, target = _dense_grad_layer()
+    cfg = OptimConfig(lr=1e-3, table_lr_mult=5.0, grad_clip=1e-3)
+    opt = build_optimizer(layer, cfg)
+    table = layer.table_parameters()[0]
+    assert opt.table is None  # SparseAdam refuses dense gradients: no sparse table here
+    groups = [g for g in opt.dense.param_groups if g.get("table")]
+    assert len(groups) == 1 and groups[0]["params"] == [table]
+    assert groups[0]["weight_decay"] == 0.0 and groups[0]["lr"] == pytest.approx(5e-3)
+    assert all(p is not table for p in opt.dense_parameters())  # not clipped with the backbone
+    opt.set_lr(0.5)
+    assert groups[0]["lr"] == pytest.approx(2.5e-3)
+    assert opt.dense.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+    # one step moves the table (the clip of the dense gradients does not shrink its update)
+    opt.set_lr(1.0)
+    before = table.detach().clone()
+    ((layer(hidden, rows) - target) ** 2).mean().backward()
+    assert table.grad is not None and not table.grad.is_sparse
+    opt.clip_grad_norm()
+    opt.step()
+    touched = torch.unique(layer.global_rows(rows)).tolist()
+    moved = (table.detach() - before).abs().amax(dim=1)
+    assert float(moved[touched].min()) == pytest.approx(5e-3, rel=1e-2)  # Adam's first step: lr
+
+
+def test_dense_gradient_table_trains_loss_decreases():
+    layer, hidden, rows, target = _dense_grad_layer()
+    opt = build_optimizer(layer, OptimConfig(lr=1e-2, table_lr_mult=5.0, weight_decay=0.0))
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = ((layer(hidden, rows) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0]
+    assert all(b < a for a, b in itertools.pairwise(losses))
+
+
+def test_dense_gradient_table_frozen_and_state_round_trip():
+    layer, hidden, rows, target = _dense_grad_layer()
+    frozen = build_optimizer(layer, OptimConfig(table_lr_mult=0.0))
+    assert not layer.table_parameters()[0].requires_grad
+    assert not [g for g in frozen.dense.param_groups if g.get("table")]
+
+    layer, hidden, rows, target = _dense_grad_layer()
+    opt = build_optimizer(layer, OptimConfig())
+    ((layer(hidden, rows) - target) ** 2).mean().backward()
+    opt.step()
+    again = build_optimizer(layer, OptimConfig())
+    again.load_state_dict(opt.state_dict())
+    assert [g.get("table", False) for g in again.dense.param_groups] == [False, False, True]
