@@ -19,6 +19,9 @@ Design choices:
   equal to a built model's counts in the model tests): planning a 100B-row table allocates nothing.
 - The one integer knob is the expert count; the achieved rho (what the experts really hold) is
   reported next to the requested one, since E' is rounded.
+- Memory is reported next to parameters: a table of R rows x dh values in float32 holds
+  4*R*dh bytes, and training it with (sparse) Adam keeps two more tables' worth, the first and
+  second moments (`optimizer_bytes`), wherever the table lives (RAM or the mmap store's files).
 """
 
 from __future__ import annotations
@@ -30,6 +33,28 @@ from typing import Any
 from engram.config import EngramConfig
 from engram.hashing import NgramHasher
 from engram.model import ModelConfig, ParamCounts, count_params, flops_per_token
+
+BYTES_PER_VALUE = 4  # tables and their Adam moments train in float32
+
+
+def table_bytes(rows: int, dim: int, bytes_per_value: int = BYTES_PER_VALUE) -> int:
+    """Bytes of a table of `rows` x `dim` values."""
+    return int(rows) * int(dim) * int(bytes_per_value)
+
+
+def optimizer_bytes(rows: int, dim: int, bytes_per_value: int = BYTES_PER_VALUE) -> int:
+    """Bytes of Adam's state for such a table: two moments (exp_avg, exp_avg_sq) per value."""
+    return 2 * table_bytes(rows, dim, bytes_per_value)
+
+
+def format_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB' (binary units)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
 
 
 class PlanError(ValueError):
@@ -52,6 +77,16 @@ class Plan:
     baseline_flops: int  # forward FLOPs per token
     flops: int
     seq_len: int
+
+    @property
+    def table_bytes(self) -> dict[int, int]:
+        """Bytes of each Engram layer's table (float32)."""
+        return {lid: table_bytes(r, self.engram.head_dim) for lid, r in self.table_rows.items()}
+
+    @property
+    def optimizer_bytes(self) -> dict[int, int]:
+        """Bytes of each table's Adam moments (two more tables' worth)."""
+        return {lid: optimizer_bytes(r, self.engram.head_dim) for lid, r in self.table_rows.items()}
 
     @property
     def param_gap(self) -> float:
@@ -84,6 +119,10 @@ class Plan:
                 "model": self.model.to_dict(),
                 "engram": self.engram.to_dict(),
                 "table_rows": {str(k): v for k, v in self.table_rows.items()},
+                "table_bytes": {str(k): v for k, v in self.table_bytes.items()},
+                "optimizer_bytes": {str(k): v for k, v in self.optimizer_bytes.items()},
+                "total_table_bytes": sum(self.table_bytes.values()),
+                "total_optimizer_bytes": sum(self.optimizer_bytes.values()),
                 "params": counts(self.counts),
                 "flops_per_token": self.flops,
             },
@@ -187,6 +226,13 @@ def plan_allocation(
     return plan
 
 
+def _per_layer_bytes(per_layer: dict[int, int]) -> str:
+    """'1.2 MiB' for one layer; '1.2 MiB + 1.2 MiB = 2.4 MiB' for several."""
+    parts = [format_bytes(v) for v in per_layer.values()]
+    total = format_bytes(sum(per_layer.values()))
+    return total if len(parts) == 1 else " + ".join(parts) + f" = {total}"
+
+
 def format_plan(plan: Plan) -> str:
     """The side-by-side table `engram plan` prints."""
     b, e = plan.baseline_counts, plan.counts
@@ -199,6 +245,8 @@ def format_plan(plan: Plan) -> str:
         ("total params", f"{b.total:,}", f"{e.total:,}", f"{plan.param_gap:+.3%}"),
         ("active params", f"{b.active:,}", f"{e.active:,}", f"{plan.active_gap:+.3%}"),
         ("table params", f"{b.table:,}", f"{e.table:,}", ""),
+        ("table memory (fp32)", "-", _per_layer_bytes(plan.table_bytes), ""),
+        ("optimizer memory (Adam)", "-", _per_layer_bytes(plan.optimizer_bytes), ""),
         ("routed expert params", f"{b.routed_experts:,}", f"{e.routed_experts:,}", ""),
         (f"FLOPs/token (T={plan.seq_len})", f"{plan.baseline_flops:,}", f"{plan.flops:,}",
          f"{plan.flops_gap:+.3%}"),
