@@ -22,14 +22,22 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
 from torch import Tensor
 
-from engram.checkpoint import MODEL_FILE, TABLE_KEY, TABLES_DIR, CheckpointError, read_checkpoint
+from engram.checkpoint import (
+    MODEL_FILE,
+    TABLE_KEY,
+    TABLES_DIR,
+    Checkpoint,
+    CheckpointError,
+    read_checkpoint,
+)
 from engram.hashing import NgramHasher
 from engram.store.mmap import MmapRowStore
 from engram.store.tablefile import SUFFIX, write_table
@@ -50,6 +58,83 @@ def _sub_table_sizes(engram_cfg: Mapping[str, Any]) -> dict[int, list[int]]:
         seed=int(engram_cfg.get("seed", 0)),
     )
     return {i: hasher.flat_table_sizes(i) for i in hasher.layer_ids}
+
+
+@dataclass
+class _Source:
+    """Where one layer's table is read from: tensor name, shape, dtype and a row-range reader."""
+
+    key: str
+    num_rows: int
+    dim: int
+    dtype: str
+    read: Callable[[int, int], Tensor]
+    close: Callable[[], None] = lambda: None
+
+
+def _targets(out: Path, layer_ids: list[int], ckpt_path: Path) -> dict[int, Path]:
+    """{layer_id: file to write}: `table_L{id}.engt` in a directory, or one `.engt` path."""
+    if out.suffix == SUFFIX:
+        if len(layer_ids) != 1:
+            raise ValueError(
+                f"{out} names one file, but checkpoint {ckpt_path} has {len(layer_ids)} Engram "
+                f"layers {layer_ids}; give a directory"
+            )
+        return {layer_ids[0]: out}
+    return {lid: out / table_file_name(lid) for lid in layer_ids}
+
+
+def _table_source(ckpt: Checkpoint, f: Any, keys: set[str], lid: int, fingerprint: str) -> _Source:
+    """Layer `lid`'s table in the checkpoint: a table file (trained on disk), per-rank shards (a
+    distributed run) or a tensor of the model file, read by row slices."""
+    layer_ids = tuple(int(i) for i in ckpt.config["engram"]["layer_ids"])
+    on_disk = ckpt.state.get("tables", {}).get(str(lid))
+    if on_disk is not None:
+        key = f"{TABLES_DIR}/{on_disk['files']['weight']}"
+        store = MmapRowStore(ckpt.path / key, expected_fingerprint=fingerprint)
+        return _Source(
+            key, store.num_rows, store.dim, store.storage_dtype, store.read_range, store.close
+        )
+    key = TABLE_KEY.format(layer_id=lid)
+    if str(lid) in ckpt.state.get("sharded_tables", {}):
+        from engram.parallel.tables import TableRows  # (imports the store package)
+
+        rows = TableRows(ckpt, lid, layer_ids)
+
+        def read_shards(a: int, b: int, rows: TableRows = rows) -> Tensor:
+            return rows.read("weight", a, b)
+
+        return _Source(key, rows.num_rows, rows.dim, "F32", read_shards)
+    model_file = ckpt.path / MODEL_FILE
+    if key not in keys:
+        near = sorted(k for k in keys if ".engram.store" in k)
+        raise CheckpointError(
+            f"{model_file} has no table {key!r} for Engram layer {lid}; table tensors found: {near}"
+        )
+    sl = f.get_slice(key)
+    shape = [int(s) for s in sl.get_shape()]
+    if len(shape) != 2:
+        raise CheckpointError(f"{model_file}: {key} has shape {shape}, expected 2-D")
+
+    def read_slice(a: int, b: int, sl: Any = sl) -> Tensor:
+        return sl[a:b]
+
+    return _Source(key, shape[0], shape[1], str(sl.get_dtype()), read_slice)
+
+
+def _table_meta(ckpt: Checkpoint, src: _Source, sub_table_sizes: list[int]) -> dict[str, Any]:
+    """The metadata a table file records about where it came from."""
+    return {
+        "source_checkpoint": str(ckpt.path.resolve()),
+        "step": ckpt.step,
+        "run_name": ckpt.config.get("name"),
+        "tensor": src.key,
+        "source_dtype": src.dtype,
+        "sub_table_sizes": sub_table_sizes,
+        "engram_config": dict(ckpt.config["engram"]),
+        "compressor_fingerprint": ckpt.state.get("compressor_fingerprint"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def export_tables(
@@ -75,89 +160,31 @@ def export_tables(
         raise CheckpointError(f"checkpoint {ckpt.path} records no hash_fingerprint")
     layer_ids = [int(i) for i in engram_cfg["layer_ids"]]
     sizes = _sub_table_sizes(engram_cfg)
+    targets = _targets(Path(out), layer_ids, ckpt.path)
 
-    out = Path(out)
-    if out.suffix == SUFFIX:
-        if len(layer_ids) != 1:
-            raise ValueError(
-                f"{out} names one file, but checkpoint {ckpt.path} has {len(layer_ids)} Engram "
-                f"layers {layer_ids}; give a directory"
-            )
-        targets = {layer_ids[0]: out}
-    else:
-        targets = {lid: out / table_file_name(lid) for lid in layer_ids}
-
-    model_file = ckpt.path / MODEL_FILE
-    disk_tables = ckpt.state.get("tables", {})  # tables trained on disk live in table files
-    sharded = ckpt.state.get("sharded_tables", {})  # a distributed run's per-rank shards
     written: dict[int, Path] = {}
-    with safe_open(str(model_file), framework="pt") as f:
+    with safe_open(str(ckpt.path / MODEL_FILE), framework="pt") as f:
         keys = set(f.keys())
         for lid, target in targets.items():
-            key = TABLE_KEY.format(layer_id=lid)
-            on_disk = disk_tables.get(str(lid))
-            if on_disk is not None:
-                key = f"{TABLES_DIR}/{on_disk['files']['weight']}"
-                store = MmapRowStore(ckpt.path / key, expected_fingerprint=fingerprint)
-                num_rows, dim, source_dtype = store.num_rows, store.dim, store.storage_dtype
-                source = store.read_range
-
-            elif str(lid) in sharded:
-                from engram.parallel.tables import TableRows  # (imports the store package)
-
-                rows = TableRows(ckpt, lid, tuple(layer_ids))
-                num_rows, dim, source_dtype = rows.num_rows, rows.dim, "F32"
-
-                def source(a: int, b: int, rows: TableRows = rows) -> Tensor:
-                    return rows.read("weight", a, b)
-
-            elif key not in keys:
-                near = sorted(k for k in keys if ".engram.store" in k)
-                raise CheckpointError(
-                    f"{model_file} has no table {key!r} for Engram layer {lid}; "
-                    f"table tensors found: {near}"
-                )
-            else:
-                sl = f.get_slice(key)
-                shape = [int(s) for s in sl.get_shape()]
-                if len(shape) != 2:
-                    raise CheckpointError(f"{model_file}: {key} has shape {shape}, expected 2-D")
-                num_rows, dim = shape
-                source_dtype = str(sl.get_dtype())
-
-                def source(a: int, b: int, sl: Any = sl) -> Tensor:
-                    return sl[a:b]
-
-            if sum(sizes[lid]) != num_rows:
-                raise CheckpointError(
-                    f"{ckpt.path}: {key} has {num_rows} rows, but the Engram config's sub-tables "
-                    f"add up to {sum(sizes[lid])}"
-                )
-            meta = {
-                "source_checkpoint": str(ckpt.path.resolve()),
-                "step": ckpt.step,
-                "run_name": ckpt.config.get("name"),
-                "tensor": key,
-                "source_dtype": source_dtype,
-                "sub_table_sizes": sizes[lid],
-                "engram_config": dict(engram_cfg),
-                "compressor_fingerprint": ckpt.state.get("compressor_fingerprint"),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
+            src = _table_source(ckpt, f, keys, lid, fingerprint)
             try:
+                if sum(sizes[lid]) != src.num_rows:
+                    raise CheckpointError(
+                        f"{ckpt.path}: {src.key} has {src.num_rows} rows, but the Engram "
+                        f"config's sub-tables add up to {sum(sizes[lid])}"
+                    )
                 write_table(
                     target,
-                    source,
+                    src.read,
                     dtype=dtype,
                     fingerprint=fingerprint,
                     layer_id=lid,
-                    meta=meta,
-                    num_rows=num_rows,
-                    dim=dim,
+                    meta=_table_meta(ckpt, src, sizes[lid]),
+                    num_rows=src.num_rows,
+                    dim=src.dim,
                     chunk_rows=chunk_rows,
                 )
             finally:
-                if on_disk is not None:
-                    store.close()
+                src.close()
             written[lid] = target
     return written
