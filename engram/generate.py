@@ -19,7 +19,8 @@ Design choices:
   it compute, and the next prefill chunk's rows while the current chunk computes. Other stores
   ignore the request.
 - Sampling: temperature 0 is greedy; otherwise softmax(logits / temperature), optionally
-  restricted to the top k, drawn with a seeded generator (same seed, same text, on CPU).
+  restricted to the top k and/or to the smallest set of likeliest tokens whose probability
+  reaches top p (nucleus), drawn with a seeded generator (same seed, same text, on CPU).
   Finished sequences (after `eos_id`) keep decoding in the batch; their extra tokens are
   dropped from the result.
 """
@@ -118,7 +119,11 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[li
 
 
 def sample_next(
-    logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator,
+    top_p: float | None = None,
 ) -> Tensor:
     """Next ids (B,) from last-position logits (B, V): greedy at temperature 0, else sampled."""
     if temperature == 0:
@@ -128,6 +133,11 @@ def sample_next(
         kth = scaled.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        # Keep the likeliest tokens up to (and including) the one that brings the mass to top_p.
+        sorted_p, order = probs.sort(dim=-1, descending=True)  # (B, V)
+        drop = sorted_p.cumsum(dim=-1) - sorted_p >= top_p  # mass before a token already enough
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
@@ -147,6 +157,7 @@ def generate(
     max_new_tokens: int = 32,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     seed: int = 0,
     eos_id: int | None = None,
     prefill_chunk: int | None = None,
@@ -167,6 +178,8 @@ def generate(
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
     if model.layer_ids and indexer is None:
@@ -228,7 +241,7 @@ def generate(
     for step in range(max_new_tokens):
         if logits_out is not None:
             logits_out.append(last.detach().clone())
-        nxt = sample_next(last, temperature, top_k, gen)  # (B,)
+        nxt = sample_next(last, temperature, top_k, gen, top_p)  # (B,)
         ids = nxt.cpu().numpy()
         for b in range(B):
             if not done[b]:

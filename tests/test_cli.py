@@ -57,7 +57,7 @@ def test_info_with_a_corpus_bpe(tmp_path, monkeypatch, capsys):
         ),
         (["eval", "--ckpt", "no/such/run"], "checkpoint path 'no/such/run' does not exist"),
         (["plan", "--rho", "1.5"], "rho must be in [0, 1]"),
-        (["info", "--layers", "1,1"], "layer_ids must be non-empty and distinct"),
+        (["info", "--layers", "1,1"], "--layers must be non-empty and distinct"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, message, capsys):
