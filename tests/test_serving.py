@@ -106,6 +106,27 @@ def test_tables_of_another_configuration_are_refused(run: Path, tmp_path: Path, 
     assert "built for hash configuration 0000000000000000" in capsys.readouterr().err
 
 
+def test_verify_refuses_a_table_whose_data_bytes_were_flipped(run: Path, tmp_path: Path) -> None:
+    from engram.export import export_tables
+    from engram.store import TableFileError, read_header
+
+    f = export_tables(run, tmp_path / "tables")[1]
+    h = read_header(f)
+    with open(f, "r+b") as fh:  # one bit of one row value, inside the data region
+        fh.seek(h.data_offset + h.data_nbytes // 2)
+        b = fh.read(1)[0]
+        fh.seek(-1, 1)
+        fh.write(bytes([b ^ 0x10]))
+    assert read_header(f) == h  # the header (and its crc) cannot tell
+
+    with load_served(run, TierConfig(store="mmap", tables=str(tmp_path / "tables"))) as served:
+        assert _generate(served, temperature=0).tokens  # serves the flipped row unawares
+    tier = TierConfig(store="mmap", tables=str(tmp_path / "tables"), verify=True)
+    with pytest.raises(TableFileError, match="is corrupt: data crc32") as e:
+        load_served(run, tier)
+    assert str(f) in str(e.value)
+
+
 def test_cli_generate_and_table_commands(run: Path, tmp_path: Path, capsys) -> None:
     argv = ["generate", "--ckpt", str(run), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
             "--max-new-tokens", "5", "--json"]  # fmt: skip
