@@ -149,6 +149,140 @@ def _prefetch(model: EngramLM, rows: Tensor | None, mask: Tensor | None) -> None
 
 
 @torch.no_grad()
+def _check_args(
+    model: EngramLM,
+    prompts: list[list[int]],
+    indexer: NgramIndexer | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    prefill_chunk: int | None,
+) -> None:
+    """Refuse arguments `generate` cannot honour, naming the argument and the value."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
+    if model.layer_ids and indexer is None:
+        raise ValueError(
+            f"this model has Engram layers at blocks {list(model.layer_ids)}: pass the run's "
+            "indexer (RunParts.indexer) to hash the generated tokens"
+        )
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(
+            f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's max_seq_len {model.cfg.max_seq_len}"
+        )
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prompts left-padded to the longest: ids (B, P), live slots (B, P), first real token (B, P)."""
+    B, P = len(prompts), max(len(p) for p in prompts)
+    raw = np.full((B, P), pad_id, dtype=np.int64)
+    live = np.zeros((B, P), dtype=bool)
+    for b, p in enumerate(prompts):
+        raw[b, P - len(p) :] = p
+        live[b, P - len(p) :] = True
+    first = np.zeros((B, P), dtype=bool)
+    first[np.arange(B), P - np.array([len(p) for p in prompts])] = True
+    return raw, live, first
+
+
+def _prefill(
+    model: EngramLM,
+    cache: DecodeCache,
+    rowstream: RowStream | None,
+    padded: tuple[np.ndarray, np.ndarray, np.ndarray],
+    prefill_chunk: int | None,
+) -> Tensor:
+    """Feed the padded prompts in chunks; the last position's logits (B, V).
+
+    All rows are known up front, so chunk c+1's rows are prefetched while chunk c computes."""
+    raw, live, first = padded
+    device = model.tok_emb.weight.device
+    P = raw.shape[1]
+    chunk = P if prefill_chunk is None else prefill_chunk
+    bounds = [(s, min(s + chunk, P)) for s in range(0, P, chunk)]
+    rows_all = None if rowstream is None else rowstream(raw, first)  # (L, B, P, H)
+    idx_all = torch.from_numpy(raw).to(device)
+    mask_all = torch.from_numpy(live).to(device)
+    last = None
+    for c, (s, e) in enumerate(bounds):
+        if c == 0:
+            _prefetch(model, None if rows_all is None else rows_all[:, :, s:e], mask_all[:, s:e])
+        if c + 1 < len(bounds) and rows_all is not None:
+            s2, e2 = bounds[c + 1]
+            _prefetch(model, rows_all[:, :, s2:e2], mask_all[:, s2:e2])
+        out = model(
+            idx_all[:, s:e],
+            None if rows_all is None else rows_all[:, :, s:e],
+            mask=mask_all[:, s:e],
+            cache=cache,
+            return_logits=True,
+        )
+        last = out.logits[:, -1]  # (B, V)
+    assert last is not None
+    return last
+
+
+@dataclass
+class _Sampling:
+    """How `_decode` picks each next token."""
+
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    generator: torch.Generator
+    eos_id: int | None
+
+
+def _decode(
+    model: EngramLM,
+    cache: DecodeCache,
+    rowstream: RowStream | None,
+    last: Tensor,
+    max_new_tokens: int,
+    sampling: _Sampling,
+    logits_out: list[Tensor] | None,
+) -> tuple[list[list[int]], int]:
+    """One token per sequence per step from the prefill's `last` logits: (new tokens, steps).
+
+    Appends each step's logits to `logits_out` when given."""
+    device = model.tok_emb.weight.device
+    B = last.shape[0]
+    new: list[list[int]] = [[] for _ in range(B)]
+    done = np.zeros(B, dtype=bool)
+    steps = 0
+    for step in range(max_new_tokens):
+        if logits_out is not None:
+            logits_out.append(last.detach().clone())
+        nxt = sample_next(
+            last, sampling.temperature, sampling.top_k, sampling.generator, sampling.top_p
+        )  # (B,)
+        ids = nxt.cpu().numpy()
+        for b in range(B):
+            if not done[b]:
+                new[b].append(int(ids[b]))
+                done[b] = sampling.eos_id is not None and int(ids[b]) == sampling.eos_id
+        if done.all() or step == max_new_tokens - 1:
+            break
+        raw_step = ids.reshape(B, 1).astype(np.int64)
+        rows = None if rowstream is None else rowstream(raw_step)  # (L, B, 1, H)
+        _prefetch(model, rows, None)
+        out = model(torch.from_numpy(raw_step).to(device), rows, cache=cache, return_logits=True)
+        last = out.logits[:, -1]
+        steps += 1
+    return new, steps
+
+
 def generate(
     model: EngramLM,
     prompts: Sequence[Sequence[int]],
@@ -170,91 +304,23 @@ def generate(
     `prefill_chunk` feeds long prompts in chunks of that many slots (None = one call).
     `pad_id` fills the left padding (any valid id: padding is never read).
     """
-    cfg = model.cfg
-    prompts_ = _check_prompts(prompts, cfg.vocab_size)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-    if prefill_chunk is not None and prefill_chunk < 1:
-        raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
-    if model.layer_ids and indexer is None:
-        raise ValueError(
-            f"this model has Engram layers at blocks {list(model.layer_ids)}: pass the run's "
-            "indexer (RunParts.indexer) to hash the generated tokens"
-        )
-    longest = max(len(p) for p in prompts_)
-    if longest + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(
-            f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-            f"model's max_seq_len {cfg.max_seq_len}"
-        )
+    prompts_ = _check_prompts(prompts, model.cfg.vocab_size)
+    _check_args(model, prompts_, indexer, max_new_tokens, temperature, top_k, top_p, prefill_chunk)
     device = model.tok_emb.weight.device
-    B, P = len(prompts_), longest
-    raw = np.full((B, P), pad_id, dtype=np.int64)
-    live = np.zeros((B, P), dtype=bool)
-    for b, p in enumerate(prompts_):
-        raw[b, P - len(p) :] = p
-        live[b, P - len(p) :] = True
-    first = np.zeros((B, P), dtype=bool)
-    first[np.arange(B), P - np.array([len(p) for p in prompts_])] = True
-
+    padded = _left_pad(prompts_, pad_id)
+    B, P = padded[0].shape
     cache: DecodeCache = model.new_cache(B, P + max_new_tokens, device)
     rowstream = RowStream(indexer, B) if model.layer_ids and indexer is not None else None
     gen = torch.Generator(device="cpu").manual_seed(seed)
     logits_out: list[Tensor] | None = [] if return_logits else None
 
-    # ---- prefill: all rows are known up front, so chunk c+1's rows are prefetched during c
     t0 = time.perf_counter()
-    chunk = P if prefill_chunk is None else prefill_chunk
-    bounds = [(s, min(s + chunk, P)) for s in range(0, P, chunk)]
-    rows_all = None if rowstream is None else rowstream(raw, first)  # (L, B, P, H)
-    idx_all = torch.from_numpy(raw).to(device)
-    mask_all = torch.from_numpy(live).to(device)
-    last = None
-    for c, (s, e) in enumerate(bounds):
-        if c == 0:
-            _prefetch(model, None if rows_all is None else rows_all[:, :, s:e], mask_all[:, s:e])
-        if c + 1 < len(bounds) and rows_all is not None:
-            s2, e2 = bounds[c + 1]
-            _prefetch(model, rows_all[:, :, s2:e2], mask_all[:, s2:e2])
-        out = model(
-            idx_all[:, s:e],
-            None if rows_all is None else rows_all[:, :, s:e],
-            mask=mask_all[:, s:e],
-            cache=cache,
-            return_logits=True,
-        )
-        last = out.logits[:, -1]  # (B, V)
+    last = _prefill(model, cache, rowstream, padded, prefill_chunk)
     prefill_s = time.perf_counter() - t0
-    assert last is not None
 
-    # ---- decode: one token per sequence per step
-    new: list[list[int]] = [[] for _ in range(B)]
-    done = np.zeros(B, dtype=bool)
     t1 = time.perf_counter()
-    steps = 0
-    for step in range(max_new_tokens):
-        if logits_out is not None:
-            logits_out.append(last.detach().clone())
-        nxt = sample_next(last, temperature, top_k, gen, top_p)  # (B,)
-        ids = nxt.cpu().numpy()
-        for b in range(B):
-            if not done[b]:
-                new[b].append(int(ids[b]))
-                done[b] = eos_id is not None and int(ids[b]) == eos_id
-        if done.all() or step == max_new_tokens - 1:
-            break
-        raw_step = ids.reshape(B, 1).astype(np.int64)
-        rows = None if rowstream is None else rowstream(raw_step)  # (L, B, 1, H)
-        _prefetch(model, rows, None)
-        out = model(torch.from_numpy(raw_step).to(device), rows, cache=cache, return_logits=True)
-        last = out.logits[:, -1]
-        steps += 1
+    sampling = _Sampling(temperature, top_k, top_p, gen, eos_id)
+    new, steps = _decode(model, cache, rowstream, last, max_new_tokens, sampling, logits_out)
     decode_s = time.perf_counter() - t1
     return GenerationResult(
         prompts=prompts_,
