@@ -65,7 +65,10 @@ def test_sensitivity_numbers_in_text_match_json(tiny_runs, analysis_env, tmp_pat
         (["cka"], "cka compares two runs: give --ckpt twice, got 1"),
         (["memory", "--row", "1:2"], "--row must be LAYER:HEAD:ROW"),
         (["memory", "--row", "1:0:99999999"], "row"),
-        (["gates", "--text", "a", "--text-file", "x.txt"], "either --text or --text-file"),
+        (
+            ["gates", "--text", "a", "--text-file", "x.txt"],
+            "--text-file: not allowed with argument --text",
+        ),
         (["sensitivity", "--data", "/no/such/file.txt"], "does not exist"),
         (["gates", "--ckpt", "{moe}"], "no Engram layers"),
     ],

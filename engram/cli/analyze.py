@@ -37,8 +37,6 @@ MODULES = {
 def _gates(args: argparse.Namespace, out: Path) -> Any:
     from engram.analysis.gate_report import analyze_gates
 
-    if args.text is not None and args.text_file is not None:
-        raise CLIError("give either --text or --text-file, not both")
     text = args.text
     if args.text_file is not None:
         text = Path(args.text_file).read_text(encoding="utf-8")
@@ -141,9 +139,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         help=f"validation batches to read ({batches})")  # fmt: skip
 
     g = analysis("gates", "gate value per token, Engram layer and branch, over a text")
-    g.add_argument("--text", type=utf8_text,
+    one_text = g.add_mutually_exclusive_group()
+    one_text.add_argument("--text", type=utf8_text,
                    help="the text (default: a sentence with names and fixed phrases)")  # fmt: skip
-    g.add_argument("--text-file", type=utf8_text, help="read the text from this UTF-8 file")
+    one_text.add_argument("--text-file", type=utf8_text, help="read the text from this UTF-8 file")
     on_data(analysis("sensitivity", "loss with Engram switched off at inference, per token"),
             "default all")  # fmt: skip
     on_data(analysis("lens", "LogitLens: KL from each layer's early exit to the final one", "two"),
