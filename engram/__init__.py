@@ -32,8 +32,7 @@ from engram.serving import ServedModel, TierConfig, load_served
 from engram.store import CachedRowStore, MemoryRowStore, MmapRowStore, RowStore
 from engram.tokenizer import load_builtin_tokenizer
 from engram.train import evaluate, load_trained, train
-
-__version__ = "0.2.0"
+from engram.version import __version__
 
 __all__ = [
     "CachedRowStore",

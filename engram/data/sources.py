@@ -37,6 +37,7 @@ import numpy as np
 import engram.corpus
 from engram.corpus import TRANSLATIONS, check_translations, iter_builtin_documents
 from engram.data.config import BUILTIN, DataError, GroupedDocument, PathLike
+from engram.version import __version__
 
 SUPPORTED_SUFFIXES: Final = (".txt", ".jsonl", ".parquet")
 """File types ``iter_documents`` reads (matched case-insensitively)."""
@@ -168,7 +169,7 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise ImportError(
-            f"reading {str(path)!r} needs pyarrow (pip install 'engram[parquet]' or pyarrow)"
+            f"reading {str(path)!r} needs pyarrow (pip install 'engram-lm[parquet]' or pyarrow)"
         ) from exc
     try:
         pf = pq.ParquetFile(path)
@@ -239,7 +240,10 @@ def source_fingerprint(source: str) -> dict[str, Any]:
     translations = _builtin_translations(source)
     if translations is not None:
         versions = {}
-        for dist in ["engram", *(f"pythonbible-{t}" for t in translations)]:
+        # engram's own version under its old key "engram", whatever the distribution is called
+        # (it is installed as engram-lm): existing cache keys stay valid.
+        versions = {"engram": __version__}
+        for dist in (f"pythonbible-{t}" for t in translations):
             try:
                 versions[dist] = importlib.metadata.version(dist)
             except importlib.metadata.PackageNotFoundError:
