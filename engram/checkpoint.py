@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,11 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
-from torch import nn
+from torch import Tensor, nn
 
 from engram.atomic import atomic_write_text, default_mode
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 LATEST = "LATEST"
@@ -97,6 +100,11 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _cause(e: OSError) -> str:
+    """`[Errno 28] No space left on device`: an OSError without the file name repeated."""
+    return f"[Errno {e.errno}] {e.strerror}" if e.errno is not None and e.strerror else str(e)
 
 
 def _fsync(path: Path) -> None:
@@ -237,10 +245,16 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+    except OSError as e:  # a full disk, a read-only or vanished directory...
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final}: {_cause(e)}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(root / LATEST, final.name + "\n")
+    try:
+        atomic_write_text(root / LATEST, final.name + "\n")
+    except OSError as e:  # the checkpoint is complete; LATEST still names the previous one
+        raise CheckpointError(f"cannot write checkpoint {root / LATEST}: {_cause(e)}") from e
     if keep > 0:
         steps = sorted(p for p in root.glob("step-*") if p.is_dir())
         for p in steps[:-keep]:
@@ -280,12 +294,42 @@ def remove_stale_temporaries(ckpt_root: str | os.PathLike[str]) -> list[Path]:
     return stale
 
 
-def find_latest(ckpt_root: str | os.PathLike[str]) -> Path | None:
-    """The checkpoint LATEST points at under `ckpt_root`, or None if there is none yet."""
+def find_latest(ckpt_root: str | os.PathLike[str], fallback: bool = False) -> Path | None:
+    """The checkpoint LATEST points at under `ckpt_root`, or None if there is none yet.
+
+    With `fallback`, a missing or corrupt LATEST (one that names no complete checkpoint) is not
+    an error while a checkpoint survives: the newest one whose files verify (see
+    `read_checkpoint`) is returned instead, with a warning naming it. A checkpoint directory
+    that exists but none verifies is a `CheckpointError` listing them.
+    """
     root = Path(ckpt_root)
-    if not (root / LATEST).is_file():
+    pointer = root / LATEST
+    if not fallback:
+        return resolve_checkpoint(root) if pointer.is_file() else None
+    try:
+        if pointer.is_file():
+            return resolve_checkpoint(root)
+        problem = "is missing"
+    except (CheckpointError, OSError, UnicodeDecodeError) as e:
+        problem = f"is unusable ({' '.join(str(e).split())})"
+    candidates = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    if not candidates:
         return None
-    return resolve_checkpoint(root)
+    damaged = []
+    for path in candidates:
+        try:
+            read_checkpoint(path)
+        except (CheckpointError, OSError, ValueError) as e:
+            damaged.append(f"{path.name} ({' '.join(str(e).split())[:200]})")
+            continue
+        logger.warning(
+            "engram: warning: %s %s; resuming from the newest intact checkpoint %s",
+            pointer, problem, path,
+        )  # fmt: skip
+        return path
+    raise CheckpointError(
+        f"{pointer} {problem} and no checkpoint under {root} is intact: {'; '.join(damaged)}"
+    )
 
 
 def read_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Checkpoint:
@@ -370,3 +414,103 @@ def load_optimizer_state(ckpt: Checkpoint) -> dict[str, Any] | None:
     if not f.is_file():
         return None
     return _unflatten_optimizers(load_file(str(f)), ckpt.state.get("optimizer", {}))
+
+
+# ------------------------------------------------------------- sharded tables (the read side)
+# A distributed run saves each table as per-rank shards (written by `engram.parallel.tables`);
+# reading them needs no process group, so a single process loads them from here.
+SHARDED_KEY = "sharded_tables"
+TABLE_PARTS = ("weight", "exp_avg", "exp_avg_sq")  # a table and its two Adam moments
+
+
+class TableRows:
+    """Rows of one layer's trained table and Adam moments, from any kind of checkpoint."""
+
+    def __init__(self, ckpt: Checkpoint, layer_id: int, layer_ids: tuple[int, ...]) -> None:
+        self.ckpt, self.layer_id = ckpt, int(layer_id)
+        sharded = ckpt.state.get(SHARDED_KEY, {})
+        if str(layer_id) in sharded:
+            rec = sharded[str(layer_id)]
+            self.num_rows, self.dim, self.step = rec["num_rows"], rec["dim"], int(rec["step"])
+            self._shards = [(ckpt.path / s["file"], s["start"], s["stop"]) for s in rec["shards"]]
+            covered = 0
+            for _, start, stop in self._shards:
+                if start != covered:
+                    raise CheckpointError(
+                        f"{ckpt.path}: shards of layer {layer_id} leave rows [{covered}, {start}) "
+                        "uncovered"
+                    )
+                covered = stop
+            if covered != self.num_rows:
+                raise CheckpointError(
+                    f"{ckpt.path}: shards of layer {layer_id} cover {covered} of {self.num_rows} rows"
+                )
+            return
+        if ckpt.state.get("tables"):
+            raise CheckpointError(
+                f"{ckpt.path} holds tables trained on disk (train.table_store='mmap'); "
+                "continue it in one process"
+            )
+        self._shards = []
+        key = TABLE_KEY.format(layer_id=layer_id)
+        with safe_open(str(ckpt.path / MODEL_FILE), framework="pt") as f:
+            if key not in set(f.keys()):
+                raise CheckpointError(f"{ckpt.path / MODEL_FILE} has no table {key!r}")
+            self.num_rows, self.dim = f.get_slice(key).get_shape()
+        # SparseAdam's state is keyed by the table's index among the table parameters.
+        self._index = str(list(layer_ids).index(layer_id))
+        table = ckpt.state.get("optimizer", {}).get("table", {})
+        self.step = int(table.get("scalars", {}).get(self._index, {}).get("step", 0))
+
+    def read(self, part: str, start: int, stop: int) -> Tensor:
+        """Rows [start, stop) of `part` (weight, exp_avg or exp_avg_sq) -> (stop - start, dim)."""
+        if part not in TABLE_PARTS:
+            raise ValueError(f"unknown table part {part!r}; expected one of {TABLE_PARTS}")
+        if not 0 <= start <= stop <= self.num_rows:
+            raise ValueError(f"row range [{start}, {stop}) is outside [0, {self.num_rows})")
+        if self._shards:
+            pieces = []
+            for path, s0, s1 in self._shards:
+                lo, hi = max(start, s0), min(stop, s1)
+                if lo < hi:
+                    with safe_open(str(path), framework="pt") as f:
+                        pieces.append(f.get_slice(part)[lo - s0 : hi - s0])
+            return torch.cat(pieces) if pieces else torch.zeros(0, self.dim)
+        if part == "weight":
+            return self._slice(MODEL_FILE, TABLE_KEY.format(layer_id=self.layer_id), start, stop)
+        key = f"table/{self._index}/{part}"
+        if self.step == 0:  # never stepped: SparseAdam has not created its moments yet
+            return torch.zeros(stop - start, self.dim)
+        return self._slice(OPTIM_FILE, key, start, stop)
+
+    def _slice(self, file: str, key: str, start: int, stop: int) -> Tensor:
+        with safe_open(str(self.ckpt.path / file), framework="pt") as f:
+            if key not in set(f.keys()):
+                raise CheckpointError(f"{self.ckpt.path / file} has no tensor {key!r}")
+            return f.get_slice(key)[start:stop]
+
+
+def assembled_tables(ckpt: Checkpoint, wanted: Collection[str]) -> dict[str, Tensor]:
+    """{state-dict key: full table} of a distributed checkpoint's sharded tables, for the keys
+    in `wanted` (a model's state-dict keys: tables it serves from another store are not read)."""
+    out = {}
+    for lid, rec in ckpt.state.get(SHARDED_KEY, {}).items():
+        key = TABLE_KEY.format(layer_id=lid)
+        if key in wanted:
+            out[key] = TableRows(ckpt, int(lid), ()).read("weight", 0, rec["num_rows"])
+    return out
+
+
+def assembled_table_optimizer(
+    ckpt: Checkpoint, layer_ids: tuple[int, ...], param_groups: Any
+) -> dict[str, Any]:
+    """The SparseAdam `state_dict` one process needs to continue a distributed run's tables."""
+    state: dict[int, dict[str, Any]] = {}
+    for i, lid in enumerate(layer_ids):
+        rows = TableRows(ckpt, lid, layer_ids)
+        if rows.step == 0:
+            continue
+        state[i] = {"step": rows.step}
+        for part in TABLE_PARTS[1:]:
+            state[i][part] = rows.read(part, 0, rows.num_rows)
+    return {"state": state, "param_groups": param_groups}

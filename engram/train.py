@@ -18,11 +18,21 @@ Design choices:
   batches when the device is CUDA so the copies are asynchronous; autocast follows the device.
 - Timing: `step_s` covers forward, backward and the optimizer step of one optimizer step
   (including waiting for data); validation and checkpoint writes are excluded.
-- Distributed (`dist=`, see `engram.parallel`): the same loop on every rank. Each rank trains
-  on its block of the global batch with its shard of every table (`ShardedRowStore`) and the
-  dense weights in DDP; the logged losses are all-reduced to the global batch's mean, rank 0
-  alone writes metrics and commits checkpoints, and each step's record adds what this rank's
-  row exchange and DDP all-reduce sent and how long they took (`xchg_*`, `ddp_allreduce_*`).
+- Shape (torchtitan's): a small `Trainer` (build, step, evaluate, save/resume) whose tier and
+  distribution choices are applied from outside by one function, `place` (the tables in RAM,
+  on disk or sharded over ranks; DDP and `torch.compile` on the dense model; see
+  `engram.parallel.placement`). This module imports nothing from `engram.parallel`: `train`,
+  which composes the two, lives in `engram.run` and is re-exported here.
+- Distributed (`dist=`): the same loop on every rank. Each rank trains on its block of the
+  global batch with its shard of every table and the dense weights in DDP; the logged losses
+  are all-reduced to the global batch's mean, rank 0 alone writes metrics and commits
+  checkpoints, and each step's record adds what this rank's row exchange and DDP all-reduce
+  sent and how long they took (`xchg_*`, `ddp_allreduce_*`).
+- The run directory has one writer (`engram.rundir`): a second process is refused, a refused
+  or failed start leaves the directory as it was (config.json is written only once every
+  check passed), SIGINT/SIGTERM save the step in progress before stopping (`TrainingInterrupted`),
+  a write that fails (full disk) names the file and the cause, and a missing or corrupt LATEST
+  falls back to the newest intact checkpoint.
 """
 
 from __future__ import annotations
@@ -31,12 +41,15 @@ import contextlib
 import json
 import math
 import os
+import signal
 import statistics
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -45,41 +58,24 @@ from engram.atomic import atomic_write_text
 from engram.checkpoint import (
     TABLES_DIR,
     Checkpoint,
+    assembled_tables,
     check_fingerprint,
     find_latest,
     load_model_weights,
-    load_optimizer_state,
     read_checkpoint,
     remove_stale_temporaries,
-    save_checkpoint,
     set_rng_state,
 )
 from engram.compress import TokenizerCompressor
-from engram.data import BatchLoader, DataSplits, check_shard, prepare_data
+from engram.data import BatchLoader, DataSplits, prepare_data
 from engram.data.tokenize import data_tokenizer
 from engram.indexer import NgramIndexer
 from engram.model import EngramLM, ParamCounts
 from engram.optim import build_optimizer, lr_multiplier
-from engram.parallel.context import DistContext, collective_errors
-from engram.parallel.parallelize import (
-    DenseCommStats,
-    parallelize,
-    rank_slice,
-    sharded_stores,
-    sync_router_loads,
-)
-from engram.parallel.tables import (
-    SHARDED_KEY,
-    assembled_table_optimizer,
-    assembled_tables,
-    load_shards,
-    save_distributed_checkpoint,
-)
 from engram.run_config import ConfigError, RunConfig
+from engram.rundir import RunDir, RunDirError, config_differences, open_run_dir, os_cause
 from engram.store.base import RowStore
 from engram.store.mmap import MmapRowStore
-from engram.store.sharded import ShardedRowStore
-from engram.store.trainable import DiskTrainedStore
 from engram.tokenizer import separator_id
 
 METRICS_FILE = "metrics.jsonl"
@@ -193,16 +189,16 @@ def evaluate(
     batches: Iterator[tuple[Any, ...]] | list[tuple[Any, ...]],
     indexer: NgramIndexer | None,
     bf16: bool = False,
-    dist: DistContext | None = None,
+    dist: Any = None,
 ) -> float:
     """Mean next-token cross-entropy over `(x, y)` numpy/torch batches (equal-size windows).
 
     A batch may be `(x, y, positions)` (see `DataSplits.val_batches(with_positions=True)`):
     the positions reach the indexer, for the "position" address control.
 
-    With `dist`, every rank is given the same batches and evaluates its block of each (a rank
-    whose block of a short last batch is empty still runs one row, weighted 0, so that every
-    rank makes the same table exchanges); the sums are all-reduced, so all ranks return the
+    With `dist` (an `engram.parallel.DistContext`), every rank is given the same batches and
+    evaluates its block of each (a rank whose block of a short last batch is empty still runs
+    one row, weighted 0, so that every rank makes the same table exchanges); the sums are all-reduced, so all ranks return the
     single-process number up to float summation order.
     """
     was_training = model.training
@@ -215,10 +211,10 @@ def evaluate(
             y = torch.as_tensor(batch[1], dtype=torch.long)
             pos = torch.as_tensor(batch[2], dtype=torch.long) if len(batch) > 2 else None
             weight = 1.0
-            if dist is not None:
+            if dist is not None:  # this rank's contiguous block of the batch
                 full_x, full_y, full_pos = x, y, pos
-                x, y = rank_slice(full_x, dist), rank_slice(full_y, dist)
-                pos = None if pos is None else rank_slice(pos, dist)
+                x, y = _rank_block(full_x, dist), _rank_block(full_y, dist)
+                pos = None if pos is None else _rank_block(pos, dist)
                 if x.shape[0] == 0:
                     x, y, weight = full_x[:1], full_y[:1], 0.0
                     pos = None if full_pos is None else full_pos[:1]
@@ -241,20 +237,17 @@ def evaluate(
     return total / n
 
 
+def _rank_block(t: torch.Tensor, dist: Any) -> torch.Tensor:
+    """Rank `dist.rank`'s contiguous block of `t` along dim 0 (the last blocks may be shorter)."""
+    return torch.tensor_split(t, dist.world_size)[dist.rank]
+
+
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The records of a run's metrics.jsonl (empty if it does not exist yet)."""
     path = Path(path)
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-
-
-def _same_run(a: RunConfig, b: RunConfig) -> bool:
-    """Equal configs up to train.steps (extending a run is a legitimate resume)."""
-    da, db = a.to_dict(), b.to_dict()
-    da["train"].pop("steps")
-    db["train"].pop("steps")
-    return da == db
 
 
 def checkpoint_table_stores(ckpt: Checkpoint) -> dict[int, RowStore]:
@@ -270,38 +263,6 @@ def checkpoint_table_stores(ckpt: Checkpoint) -> dict[int, RowStore]:
     }
 
 
-def _disk_tables(
-    cfg: RunConfig, out: Path, latest: Path | None
-) -> Callable[[NgramIndexer], dict[int, DiskTrainedStore]]:
-    """Stores for `train.table_store="mmap"`: fresh files, or copies of the checkpoint's."""
-    assert cfg.engram is not None
-    engram_cfg = cfg.engram
-    work = out / TABLES_DIR
-
-    def make(indexer: NgramIndexer) -> dict[int, DiskTrainedStore]:
-        fp = indexer.fingerprint()
-        saved = None if latest is None else read_checkpoint(latest, verify=False)
-        stores = {}
-        for lid in engram_cfg.layer_ids:
-            if saved is not None:
-                rec = saved.state.get("tables", {}).get(str(lid))
-                if rec is None:
-                    raise ConfigError(f"checkpoint {saved.path} has no table files for layer {lid}")
-                stores[lid] = DiskTrainedStore.restore(
-                    work, lid, saved.path / TABLES_DIR, rec["step"], expected_fingerprint=fp
-                )
-            else:
-                sizes = indexer.hasher.flat_table_sizes(lid)
-                stores[lid] = DiskTrainedStore.create(
-                    work, lid, sum(sizes), engram_cfg.head_dim, fingerprint=fp,
-                    std=cfg.train.table_std, seed=engram_cfg.seed + lid,
-                    meta={"sub_table_sizes": sizes, "run": cfg.name},
-                )  # fmt: skip
-        return stores
-
-    return make
-
-
 def load_trained(
     ckpt_path: str | os.PathLike[str],
     tokenizer: Any | None = None,
@@ -312,7 +273,8 @@ def load_trained(
     With `stores` ({layer_id: RowStore}, e.g. table files exported from this checkpoint), those
     layers read their rows from the stores and the checkpoint's tables are not loaded. Tables a
     run trained on disk (`train.table_store="mmap"`) are served read-only from the checkpoint's
-    own table files unless `stores` says otherwise.
+    own table files unless `stores` says otherwise; tables a distributed run saved as shards
+    are assembled.
     """
     ckpt = read_checkpoint(ckpt_path)
     try:
@@ -328,45 +290,6 @@ def load_trained(
     return parts, ckpt
 
 
-def _exchange_totals(stores: Mapping[int, ShardedRowStore]) -> dict[str, float]:
-    """Bytes this rank sent to other ranks and seconds spent exchanging, over all tables."""
-    keys = (
-        "ids", "unique_ids", "remote_ids", "remote_ids_dup", "id_bytes_sent", "row_bytes_sent",
-        "row_bytes_received", "grad_bytes_sent", "forward_s", "backward_s",
-    )  # fmt: skip
-    stats = [s.stats.as_dict() for s in stores.values()]
-    return {f"xchg_{k}": sum(st[k] for st in stats) for k in keys}
-
-
-def _load_for_training(
-    ckpt: Checkpoint,
-    cfg: RunConfig,
-    model: EngramLM,
-    opt: Any,
-    sharded: Mapping[int, ShardedRowStore],
-) -> None:
-    """Weights and optimizer state into a run about to resume, whatever wrote the checkpoint.
-
-    Sharded tables (this run is distributed) read their rows from a checkpoint of any world
-    size, or from a single process's table and SparseAdam state; a single process resuming a
-    distributed run gets its tables and moments assembled from the shards.
-    """
-    layer_ids = () if cfg.engram is None else cfg.engram.layer_ids
-    optim_state = load_optimizer_state(ckpt)
-    if sharded:
-        load_model_weights(ckpt, model)
-        load_shards(ckpt, sharded, layer_ids)
-        if optim_state is not None:
-            optim_state.pop("table", None)  # a single process's SparseAdam: now in the shards
-    else:
-        load_model_weights(ckpt, model, assembled_tables(ckpt, model.state_dict()))
-        if ckpt.state.get(SHARDED_KEY) and optim_state is not None and opt.table is not None:
-            groups = opt.table.state_dict()["param_groups"]
-            optim_state["table"] = assembled_table_optimizer(ckpt, layer_ids, groups)
-    if optim_state is not None:
-        opt.load_state_dict(optim_state)
-
-
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """PyTorch's intra-op thread count set to `n` inside the block (0 leaves it alone)."""
@@ -380,258 +303,356 @@ def torch_threads(n: int) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-def train(
-    cfg: RunConfig,
-    out_dir: str | os.PathLike[str],
-    *,
-    resume: bool = True,
-    progress: bool = True,
-    stop_after: int | None = None,
-    data: DataSplits | None = None,
-    dist: DistContext | None = None,
-) -> TrainResult:
-    """Train `cfg` into `out_dir`, resuming from its latest checkpoint when there is one.
+# ------------------------------------------------------------------------------- the trainer
+class Placement(Protocol):
+    """A built run placed on its tiers and device (`engram.parallel.placement.Placed`)."""
 
-    `stop_after` ends this call after that many steps (with a checkpoint), as an interruption
-    would; `data` reuses already-prepared splits (same data config) across runs.
+    parts: RunParts
+    model: EngramLM  # on `device`
+    forward: Callable[..., Any]  # what a step calls: the model, its DDP wrapper, compiled...
+    device: torch.device
 
-    With `dist` (one call per rank, see `engram.parallel`), `cfg.data.batch_size` is the global
-    batch: each rank trains on its block, Engram tables are row-sharded over the ranks and the
-    dense parameters replicated with DDP; rank 0 writes the metrics and commits checkpoints,
-    whose tables are saved as shards that reload on any number of ranks (or in one process).
-    `cfg.train.threads` (when > 0) sets PyTorch's thread count for the call.
+    def no_sync(self, last_micro: bool) -> contextlib.AbstractContextManager[Any]: ...
+    def global_mean(self, values: list[float], stop: bool) -> tuple[list[float], bool]: ...
+    def after_step(self) -> None: ...
+    def counters(self) -> dict[str, float]: ...
+    def guard(self, phase: str) -> contextlib.AbstractContextManager[Any]: ...
+    def save(
+        self, root: Path, step: int, optim_state: Any, state: Mapping[str, Any], keep: int
+    ) -> Path: ...
+    def load(self, ckpt: Checkpoint, opt: Any, layer_ids: tuple[int, ...]) -> None: ...
+    def close(self) -> None: ...
+
+
+# `place(build, resume_from)`: build the run through `build(stores) -> RunParts` with its tables
+# placed, and wrap it; the caller binds the config, process groups, device and run directory.
+PlaceFn = Callable[[Callable[[Any], RunParts], Path | None], Placement]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training after the step in progress was saved.
+
+    `str(exc)` is the line already printed on stderr (by rank 0):
+    ``engram: interrupted at step N; saved <checkpoint path>``.
     """
-    with torch_threads(cfg.train.threads):
-        return _train(cfg, out_dir, resume, progress, stop_after, data, dist)
+
+    def __init__(self, message: str, step: int, checkpoint: Path, signum: int) -> None:
+        super().__init__(message)
+        self.message, self.step, self.checkpoint, self.signum = message, step, checkpoint, signum
+
+    def __str__(self) -> str:
+        return self.message
 
 
-def _train(
-    cfg: RunConfig,
-    out_dir: str | os.PathLike[str],
-    resume: bool,
-    progress: bool,
-    stop_after: int | None,
-    data: DataSplits | None,
-    dist: DistContext | None,
-) -> TrainResult:
-    device = resolve_device(cfg.train.device) if dist is None else dist.device
-    main = dist is None or dist.is_main
-    out = Path(out_dir)
-    ckpt_root = out / "checkpoints"
-    latest = find_latest(ckpt_root) if resume else None
-    if latest is None and (out / CONFIG_FILE).exists() and any(ckpt_root.glob("step-*")):
-        raise ConfigError(f"{out} already holds a run; use resume or a new output directory")
-    if latest is not None:
-        previous = RunConfig.load(out / CONFIG_FILE)
-        if not _same_run(previous, cfg):
-            raise ConfigError(
-                f"{out} holds a run with a different config; resume it with the same config "
-                "(only train.steps may change) or choose a new output directory"
-            )
-    on_disk = cfg.train.table_store == "mmap" and cfg.engram is not None
-    if on_disk and device.type != "cpu":
-        raise ConfigError("train.table_store='mmap' trains on the CPU; use train.device='cpu'")
-    if dist is not None:
-        if on_disk:
-            raise ConfigError(
-                "train.table_store='mmap' trains in one process; a distributed run shards its "
-                "tables over the ranks' memory (use train.table_store='ram')"
-            )
-        check_shard(cfg.data.batch_size, dist.rank, dist.world_size)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / CONFIG_FILE)
-        remove_stale_temporaries(ckpt_root)  # a killed writer's half checkpoint is never LATEST
-    if dist is not None:
-        dist.barrier("start-up (rank 0 preparing the run directory)")
-    stores: StoreSpec | None = None
-    if on_disk:
-        stores = _disk_tables(cfg, out, latest)
-    elif dist is not None and cfg.engram is not None:
-        e = cfg.engram
-        stores = sharded_stores(dist, e.layer_ids, e.head_dim, e.seed, cfg.train.table_std)
-    parts = build_run(cfg, stores=stores)
-    disk_tables = {
-        lid: e.store
-        for lid, e in parts.model.engram_layers().items()
-        if isinstance(e.store, DiskTrainedStore)
-    }
-    sharded = {
-        lid: e.store
-        for lid, e in parts.model.engram_layers().items()
-        if isinstance(e.store, ShardedRowStore)
-    }
-    model, indexer = parts.model.to(device), parts.indexer
-    if data is None:
-        data = prepare_data(cfg.data, parts.tokenizer, parts.eot_id)
-    opt = build_optimizer(model, cfg.optim)
-    tc = cfg.train
-    start = 0
-    metrics_path = out / METRICS_FILE
-    if latest is not None:
-        ckpt = read_checkpoint(latest)
-        check_fingerprint(ckpt, parts.hash_fingerprint)
-        _load_for_training(ckpt, cfg, model, opt, sharded)
-        set_rng_state(ckpt.state["rng"])
-        start = ckpt.step
-        if main:
-            kept = [m for m in read_metrics(metrics_path) if m["step"] <= start]
-            atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
-    elif main and metrics_path.exists():
-        metrics_path.unlink()
+class _Interrupts:
+    """SIGINT/SIGTERM during the loop: the first asks it to save and stop after the step in
+    progress; a second one stops at once (KeyboardInterrupt). Only in the main thread."""
 
-    counts = model.param_counts()
-    dense_comm = DenseCommStats()
-    ddp = parallelize(model, dist, dense_comm) if dist is not None else None
-    fwd = ddp if ddp is not None else model
-    fwd = torch.compile(fwd) if tc.compile else fwd
-    model.train()
-    positions = bool(getattr(indexer, "needs_positions", False))  # val batches carry them
-    end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
-    tokens_per_step = tc.grad_accum * cfg.data.batch_size * cfg.data.seq_len
-    history: list[dict[str, Any]] = []
-    step_times: list[float] = []
-    train_loss = val_loss = None
-    ckpt_path = latest
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
-    def state_json() -> dict[str, Any]:
-        return {
-            "config": cfg.to_dict(),
-            "hash_fingerprint": parts.hash_fingerprint,
-            "compressor_fingerprint": parts.compressor.fingerprint,
-            "val_loss": val_loss,
-        }
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
 
-    bar = tqdm(
-        total=tc.steps, initial=start, desc=cfg.name, unit="step", disable=not (progress and main),
-        dynamic_ncols=True, leave=True,
-    )  # fmt: skip
-    rank, world = (0, 1) if dist is None else (dist.rank, dist.world_size)
-    loader = BatchLoader(
-        data.train, cfg.data, indexer, start_step=start * tc.grad_accum,
-        prefetch=tc.prefetch, seed=tc.seed, pin_memory=device.type == "cuda",
-        rank=rank, world_size=world,
-    )  # fmt: skip
-    failures = (
-        contextlib.nullcontext if dist is None else lambda: collective_errors(dist, "training")
-    )
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(
+            f"engram: {signal.Signals(signum).name}: saving after the step in progress "
+            "(interrupt again to stop at once, unsaved)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+@contextlib.contextmanager
+def _writing(what: str, path: Path) -> Iterator[None]:
+    """An OSError (full disk, permissions) while writing `path` -> one line naming it."""
     try:
-        with (
-            open(metrics_path, "a", encoding="utf-8") if main else contextlib.nullcontext() as log,
-            failures(),
-        ):
-            for step in range(start, end):
-                t0 = time.perf_counter()
-                lr_mult = lr_multiplier(
-                    step, tc.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio
+        yield
+    except OSError as e:
+        raise RunDirError(f"cannot write {what} {path}: {os_cause(e)}") from e
+
+
+class Trainer:
+    """One run: build it (placed by `place`, from outside), step, evaluate, save and resume.
+
+    `run()` is the whole job: it holds the run directory, starts (resuming from its latest
+    checkpoint when there is one), trains to `cfg.train.steps` and reports. `device` and `dist`
+    (this rank's `engram.parallel.DistContext`) are the ones `place` was bound to.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out_dir: str | os.PathLike[str],
+        place: PlaceFn,
+        *,
+        dist: Any = None,
+        data: DataSplits | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.cfg, self.out, self.dist, self.data = cfg, Path(out_dir), dist, data
+        self.ckpt_root = self.out / "checkpoints"
+        self.metrics_path = self.out / METRICS_FILE
+        self.main = dist is None or dist.is_main
+        self.progress = progress
+        self._place = place
+        self.placed: Placement | None = None
+        self.start_step = 0
+        self.checkpoint: Path | None = None  # the newest committed checkpoint
+        self.val_loss: float | None = None
+        self.history: list[dict[str, Any]] = []
+
+    def run(self, resume: bool = True, stop_after: int | None = None) -> TrainResult:
+        """Hold the run directory, start, train; `stop_after` ends after that many steps."""
+        with open_run_dir(self.out, writer=self.main) as run_dir:
+            try:
+                self.start(run_dir, resume)
+                return self.fit(stop_after)
+            finally:
+                if self.placed is not None:
+                    self.placed.close()
+
+    # ---------------------------------------------------------------------------- start-up
+    def start(self, run_dir: RunDir, resume: bool) -> None:
+        """Check, build, place and load; write to the run directory only once all passed."""
+        latest = self._resume_point(resume)
+        tokenizer = data_tokenizer(self.cfg.data)
+        if self.data is None:
+            self.data = prepare_data(self.cfg.data, tokenizer, separator_id(tokenizer))
+        self.placed = self._place(lambda s: build_run(self.cfg, tokenizer, stores=s), latest)
+        self.parts, self.model = self.placed.parts, self.placed.model
+        self.opt = build_optimizer(self.model, self.cfg.optim)
+        if latest is not None:
+            ckpt = read_checkpoint(latest)
+            check_fingerprint(ckpt, self.parts.hash_fingerprint)
+            layer_ids = () if self.cfg.engram is None else self.cfg.engram.layer_ids
+            self.placed.load(ckpt, self.opt, layer_ids)
+            set_rng_state(ckpt.state["rng"])
+            self.start_step, self.checkpoint = ckpt.step, latest
+        if self.main:
+            with _writing("run directory", self.out):
+                self.cfg.save(self.out / CONFIG_FILE)
+                remove_stale_temporaries(self.ckpt_root)  # a killed writer's half checkpoint
+            with _writing("metrics", self.metrics_path):
+                if latest is not None:  # cut back to the checkpoint's step before appending
+                    kept = [m for m in read_metrics(self.metrics_path) if m["step"] <= ckpt.step]
+                    text = "".join(json.dumps(m) + "\n" for m in kept)
+                    atomic_write_text(self.metrics_path, text)
+                elif self.metrics_path.exists():
+                    self.metrics_path.unlink()
+            run_dir.commit()
+        if self.dist is not None:
+            self.dist.barrier("start-up (rank 0 preparing the run directory)")
+
+    def _resume_point(self, resume: bool) -> Path | None:
+        """The checkpoint this start continues (None: a fresh run); refuses one it cannot."""
+        cfg, out = self.cfg, self.out
+        if not resume:
+            if (out / CONFIG_FILE).exists() and any(self.ckpt_root.glob("step-*")):
+                raise ConfigError(
+                    f"{out} already holds a run and resuming is off (--no-resume); continue it "
+                    "by resuming, or choose a new output directory"
                 )
-                opt.set_lr(lr_mult)
-                loss_sum = aux_sum = wait = 0.0
-                exchanged = _exchange_totals(sharded)
-                ddp_before = (dense_comm.seconds, dense_comm.bytes)
-                for micro in range(tc.grad_accum):
-                    w0 = time.perf_counter()
-                    batch = next(loader).to(device, non_blocking=True)
-                    wait += time.perf_counter() - w0
-                    sync = ddp is None or micro + 1 == tc.grad_accum  # all-reduce once per step
-                    with contextlib.nullcontext() if sync else ddp.no_sync():  # type: ignore[union-attr]
-                        with _autocast(tc.bf16, device.type):
-                            outp = fwd(batch.x, batch.rows, targets=batch.y)
-                        loss = outp.loss + outp.aux_loss
-                        (loss / tc.grad_accum).backward()
-                    loss_sum += float(outp.loss.detach())
-                    aux_sum += float(outp.aux_loss.detach())
-                if dist is not None:  # the global batch's mean, as one process would log it
-                    loss_sum, aux_sum = (
-                        v / world for v in dist.all_reduce_sum([loss_sum, aux_sum], "loss logging")
-                    )
-                gnorm = opt.clip_grad_norm()
-                opt.step()
-                opt.zero_grad()
-                if dist is not None:
-                    sync_router_loads(model, dist)
-                model.update_router_biases()
-                dt = time.perf_counter() - t0
-                step_times.append(dt)
-                train_loss = loss_sum / tc.grad_accum
-                if not math.isfinite(train_loss):
-                    raise FloatingPointError(
-                        f"training loss became {train_loss} at step {step + 1}; lower optim.lr "
-                        f"(now {cfg.optim.lr}) or check the data"
-                    )
-                rec: dict[str, Any] = {
-                    "step": step + 1,
-                    "tokens": (step + 1) * tokens_per_step,
-                    "loss": train_loss,
-                    "aux_loss": aux_sum / tc.grad_accum,
-                    "lr": cfg.optim.lr * lr_mult,
-                    "grad_norm": gnorm,
-                    "step_s": dt,
-                    "wait_s": wait,
-                    "tokens_per_s": tokens_per_step / dt,
-                }
-                if sharded:  # this rank's row exchange during the step (see ExchangeStats)
-                    now = _exchange_totals(sharded)
-                    rec.update({k: now[k] - exchanged[k] for k in now})
-                if ddp is not None:  # DDP's dense all-reduce (in flight, overlapping backward)
-                    rec["ddp_allreduce_s"] = dense_comm.seconds - ddp_before[0]
-                    rec["ddp_allreduce_bytes"] = dense_comm.bytes - ddp_before[1]
-                last = step + 1 == end
-                final = step + 1 == tc.steps
-                if final or (tc.eval_every and (step + 1) % tc.eval_every == 0):
-                    n_batches = tc.final_eval_batches if final else tc.eval_batches
-                    val_loss = evaluate(
-                        model, data.val_batches(n_batches, positions), indexer, tc.bf16, dist=dist
-                    )
-                    rec["val_loss"] = val_loss
-                if log is not None:
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                history.append(rec)
-                bar.update(1)
-                post = {"loss": f"{train_loss:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
-                if val_loss is not None:
-                    post["val"] = f"{val_loss:.3f}"
-                bar.set_postfix(post, refresh=False)
-                if last or (tc.ckpt_every and (step + 1) % tc.ckpt_every == 0):
-                    if dist is not None:
-                        ckpt_path = save_distributed_checkpoint(
-                            ckpt_root, step + 1, model, opt.state_dict(), state_json(),
-                            dist, sharded, keep=tc.keep_checkpoints,
-                        )  # fmt: skip
-                    else:
-                        ckpt_path = save_checkpoint(
-                            ckpt_root, step + 1, model, opt.state_dict(), state_json(),
-                            keep=tc.keep_checkpoints, tables=disk_tables,
-                        )  # fmt: skip
-    finally:
-        loader.close()
-        bar.close()
-        for t in disk_tables.values():
-            t.close()
+            return None
+        latest = find_latest(self.ckpt_root, fallback=True)
+        if latest is None:
+            return None
+        if (out / CONFIG_FILE).is_file():
+            previous = RunConfig.load(out / CONFIG_FILE).to_dict()
+        else:
+            previous = read_checkpoint(latest, verify=False).config
+        old, new = dict(previous), cfg.to_dict()
+        old["train"] = {k: v for k, v in old["train"].items() if k != "steps"}
+        new["train"] = {k: v for k, v in new["train"].items() if k != "steps"}
+        diff = config_differences(old, new)
+        if diff:
+            raise ConfigError(
+                f"{out} holds a run with a different config ({'; '.join(diff)}); resume it with "
+                "the same config (only train.steps may change) or choose a new output directory"
+            )
+        return latest
 
-    if end == tc.steps and main:
-        from engram.plots import plot_loss_curves
+    # -------------------------------------------------------------------------------- steps
+    def step(self, step: int, stop: bool = False) -> tuple[dict[str, Any], bool]:
+        """Optimizer step `step` (0-based, `grad_accum` micro-batches) -> (its metrics record,
+        whether any rank asked to stop: `stop` is this rank's request)."""
+        cfg, tc, placed = self.cfg, self.cfg.train, self.placed
+        assert placed is not None
+        device = placed.device
+        t0 = time.perf_counter()
+        lr_mult = lr_multiplier(step, tc.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
+        self.opt.set_lr(lr_mult)
+        loss_sum = aux_sum = wait = 0.0
+        before = placed.counters()
+        for micro in range(tc.grad_accum):
+            w0 = time.perf_counter()
+            batch = next(self.loader).to(device, non_blocking=True)
+            wait += time.perf_counter() - w0
+            with placed.no_sync(micro + 1 == tc.grad_accum):  # DDP all-reduces once per step
+                with _autocast(tc.bf16, device.type):
+                    outp = placed.forward(batch.x, batch.rows, targets=batch.y)
+                loss = outp.loss + outp.aux_loss
+                (loss / tc.grad_accum).backward()
+            loss_sum += float(outp.loss.detach())
+            aux_sum += float(outp.aux_loss.detach())
+        (loss_sum, aux_sum), stop = placed.global_mean([loss_sum, aux_sum], stop)
+        gnorm = self.opt.clip_grad_norm()
+        self.opt.step()
+        self.opt.zero_grad()
+        placed.after_step()
+        self.model.update_router_biases()
+        dt = time.perf_counter() - t0
+        train_loss = loss_sum / tc.grad_accum
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(
+                f"training loss became {train_loss} at step {step + 1}; lower optim.lr "
+                f"(now {cfg.optim.lr}) or check the data"
+            )
+        tokens = tc.grad_accum * cfg.data.batch_size * cfg.data.seq_len
+        rec: dict[str, Any] = {
+            "step": step + 1, "tokens": (step + 1) * tokens, "loss": train_loss,
+            "aux_loss": aux_sum / tc.grad_accum, "lr": cfg.optim.lr * lr_mult, "grad_norm": gnorm,
+            "step_s": dt, "wait_s": wait, "tokens_per_s": tokens / dt,
+        }  # fmt: skip
+        rec.update({k: v - before[k] for k, v in placed.counters().items()})
+        return rec, stop
 
-        plot_loss_curves({cfg.name: read_metrics(metrics_path)}, out / "loss.png")
-    assert ckpt_path is not None
-    if not history:  # nothing left to train: report the finished run from its metrics
-        past = read_metrics(metrics_path)
-        step_times = [r["step_s"] for r in past if "step_s" in r]
-        train_loss = past[-1]["loss"] if past else None
-        val_loss = next((r["val_loss"] for r in reversed(past) if "val_loss" in r), None)
-    timed = step_times[1:] or step_times  # the first step pays one-off allocation costs
-    med = statistics.median(timed) if timed else float("nan")
-    return TrainResult(
-        out_dir=out,
-        name=cfg.name,
-        step=end,
-        train_loss=train_loss,
-        val_loss=val_loss,
-        tokens_per_s=tokens_per_step / med if timed else float("nan"),
-        step_time_s=med,
-        loader_wait_s=sum(h["wait_s"] for h in history),
-        counts=counts,
-        checkpoint=ckpt_path,
-        history=history,
-    )
+    def evaluate(self, n_batches: int) -> float:
+        """Validation loss over the first `n_batches` validation batches."""
+        positions = bool(getattr(self.parts.indexer, "needs_positions", False))
+        batches = self.data.val_batches(n_batches, positions)  # type: ignore[union-attr]
+        tc = self.cfg.train
+        return evaluate(self.model, batches, self.parts.indexer, tc.bf16, dist=self.dist)
+
+    def save(self, step: int) -> Path:
+        """Commit checkpoint `step` (atomically; collective when distributed)."""
+        assert self.placed is not None
+        state = {
+            "config": self.cfg.to_dict(),
+            "hash_fingerprint": self.parts.hash_fingerprint,
+            "compressor_fingerprint": self.parts.compressor.fingerprint,
+            "val_loss": self.val_loss,
+        }
+        keep = self.cfg.train.keep_checkpoints
+        self.checkpoint = self.placed.save(self.ckpt_root, step, self.opt.state_dict(), state, keep)
+        return self.checkpoint
+
+    # --------------------------------------------------------------------------------- loop
+    def fit(self, stop_after: int | None = None) -> TrainResult:
+        """Train from the start step to `train.steps` (or `stop_after` steps), then report."""
+        cfg, tc = self.cfg, self.cfg.train
+        assert self.placed is not None
+        end = tc.steps if stop_after is None else min(tc.steps, self.start_step + stop_after)
+        rank, world = (0, 1) if self.dist is None else (self.dist.rank, self.dist.world_size)
+        self.model.train()
+        bar = tqdm(
+            total=tc.steps, initial=self.start_step, desc=cfg.name, unit="step",
+            disable=not (self.progress and self.main), dynamic_ncols=True, leave=True,
+        )  # fmt: skip
+        self.loader = BatchLoader(
+            self.data.train, cfg.data, self.parts.indexer,  # type: ignore[union-attr]
+            start_step=self.start_step * tc.grad_accum, prefetch=tc.prefetch, seed=tc.seed,
+            pin_memory=self.placed.device.type == "cuda", rank=rank, world_size=world,
+        )  # fmt: skip
+        try:
+            with (
+                self._metrics_log() as log,
+                self.placed.guard("training"),
+                _Interrupts() as interrupts,
+            ):
+                for step in range(self.start_step, end):
+                    rec, stop = self.step(step, interrupts.signum is not None)
+                    final = step + 1 == tc.steps
+                    if final or (tc.eval_every and (step + 1) % tc.eval_every == 0):
+                        n_batches = tc.final_eval_batches if final else tc.eval_batches
+                        self.val_loss = rec["val_loss"] = self.evaluate(n_batches)
+                    self._record(rec, log, bar)
+                    saved = step + 1 == end or bool(
+                        tc.ckpt_every and (step + 1) % tc.ckpt_every == 0
+                    )
+                    if saved:
+                        self.save(step + 1)
+                    if (stop or (self.dist is None and interrupts.signum)) and step + 1 < end:
+                        self._interrupted(step + 1, saved, interrupts.signum or signal.SIGTERM)
+        finally:
+            self.loader.close()
+            bar.close()
+        return self._result(end)
+
+    def _metrics_log(self) -> contextlib.AbstractContextManager[Any]:
+        if not self.main:
+            return contextlib.nullcontext()
+        with _writing("metrics", self.metrics_path):
+            return open(self.metrics_path, "a", encoding="utf-8")
+
+    def _record(self, rec: dict[str, Any], log: Any, bar: Any) -> None:
+        if log is not None:
+            with _writing("metrics", self.metrics_path):
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+        self.history.append(rec)
+        bar.update(1)
+        post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
+        if self.val_loss is not None:
+            post["val"] = f"{self.val_loss:.3f}"
+        bar.set_postfix(post, refresh=False)
+
+    def _interrupted(self, step: int, saved: bool, signum: int) -> None:
+        """Save step `step` (unless it just was), say where, and stop."""
+        path = self.checkpoint if saved else self.save(step)
+        assert path is not None
+        message = f"engram: interrupted at step {step}; saved {path}"
+        if self.main:
+            print(message, file=sys.stderr, flush=True)
+        raise TrainingInterrupted(message, step, path, signum)
+
+    def _result(self, end: int) -> TrainResult:
+        tc = self.cfg.train
+        if end == tc.steps and self.main:
+            from engram.plots import plot_loss_curves
+
+            with _writing("the loss plot", self.out / "loss.png"):
+                plot_loss_curves(
+                    {self.cfg.name: read_metrics(self.metrics_path)}, self.out / "loss.png"
+                )
+        assert self.checkpoint is not None
+        history, train_loss, val_loss = self.history, None, self.val_loss
+        step_times = [r["step_s"] for r in history]
+        if history:
+            train_loss = history[-1]["loss"]
+        else:  # nothing left to train: report the finished run from its metrics
+            past = read_metrics(self.metrics_path)
+            step_times = [r["step_s"] for r in past if "step_s" in r]
+            train_loss = past[-1]["loss"] if past else None
+            val_loss = next((r["val_loss"] for r in reversed(past) if "val_loss" in r), None)
+        timed = step_times[1:] or step_times  # the first step pays one-off allocation costs
+        med = statistics.median(timed) if timed else float("nan")
+        tokens_per_step = tc.grad_accum * self.cfg.data.batch_size * self.cfg.data.seq_len
+        return TrainResult(
+            out_dir=self.out, name=self.cfg.name, step=end, train_loss=train_loss,
+            val_loss=val_loss, tokens_per_s=tokens_per_step / med if timed else float("nan"),
+            step_time_s=med, loader_wait_s=sum(h["wait_s"] for h in history),
+            counts=self.model.param_counts(), checkpoint=self.checkpoint, history=history,
+        )  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    """`engram.train.train`, which lives in `engram.run` (it applies `engram.parallel`'s
+    placement to this module's trainer, so it sits above both)."""
+    if name == "train":
+        from engram.run import train
+
+        return train
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

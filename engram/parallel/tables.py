@@ -26,33 +26,41 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import nn
 
 from engram.checkpoint import (
-    MODEL_FILE,
-    OPTIM_FILE,
-    TABLE_KEY,
+    SHARDED_KEY,
     TABLES_DIR,
     Checkpoint,
     CheckpointError,
+    TableRows,
     _fsync,
     _sha256,
+    assembled_table_optimizer,
+    assembled_tables,
     checkpoint_name,
     save_checkpoint,
     staging_dir,
 )
 from engram.parallel.context import DistContext, collective_errors
-from engram.store.sharded import PARTS, ShardedRowStore
+from engram.store.sharded import ShardedRowStore
 
-SHARDED_KEY = "sharded_tables"
+__all__ = [
+    "SHARDED_KEY",
+    "TableRows",
+    "assembled_table_optimizer",
+    "assembled_tables",
+    "load_shards",
+    "save_distributed_checkpoint",
+    "shard_file",
+    "write_shards",
+]
 
 
 def shard_file(layer_id: int, rank: int, world_size: int) -> str:
@@ -96,73 +104,6 @@ def write_shards(
     return record, digests
 
 
-class TableRows:
-    """Rows of one layer's trained table and Adam moments, from any kind of checkpoint."""
-
-    def __init__(self, ckpt: Checkpoint, layer_id: int, layer_ids: tuple[int, ...]) -> None:
-        self.ckpt, self.layer_id = ckpt, int(layer_id)
-        sharded = ckpt.state.get(SHARDED_KEY, {})
-        if str(layer_id) in sharded:
-            rec = sharded[str(layer_id)]
-            self.num_rows, self.dim, self.step = rec["num_rows"], rec["dim"], int(rec["step"])
-            self._shards = [(ckpt.path / s["file"], s["start"], s["stop"]) for s in rec["shards"]]
-            covered = 0
-            for _, start, stop in self._shards:
-                if start != covered:
-                    raise CheckpointError(
-                        f"{ckpt.path}: shards of layer {layer_id} leave rows [{covered}, {start}) "
-                        "uncovered"
-                    )
-                covered = stop
-            if covered != self.num_rows:
-                raise CheckpointError(
-                    f"{ckpt.path}: shards of layer {layer_id} cover {covered} of {self.num_rows} rows"
-                )
-            return
-        if ckpt.state.get("tables"):
-            raise CheckpointError(
-                f"{ckpt.path} holds tables trained on disk (train.table_store='mmap'); "
-                "continue it in one process"
-            )
-        self._shards = []
-        key = TABLE_KEY.format(layer_id=layer_id)
-        with safe_open(str(ckpt.path / MODEL_FILE), framework="pt") as f:
-            if key not in set(f.keys()):
-                raise CheckpointError(f"{ckpt.path / MODEL_FILE} has no table {key!r}")
-            self.num_rows, self.dim = f.get_slice(key).get_shape()
-        # SparseAdam's state is keyed by the table's index among the table parameters.
-        self._index = str(list(layer_ids).index(layer_id))
-        table = ckpt.state.get("optimizer", {}).get("table", {})
-        self.step = int(table.get("scalars", {}).get(self._index, {}).get("step", 0))
-
-    def read(self, part: str, start: int, stop: int) -> Tensor:
-        """Rows [start, stop) of `part` (weight, exp_avg or exp_avg_sq) -> (stop - start, dim)."""
-        if part not in PARTS:
-            raise ValueError(f"unknown table part {part!r}; expected one of {PARTS}")
-        if not 0 <= start <= stop <= self.num_rows:
-            raise ValueError(f"row range [{start}, {stop}) is outside [0, {self.num_rows})")
-        if self._shards:
-            pieces = []
-            for path, s0, s1 in self._shards:
-                lo, hi = max(start, s0), min(stop, s1)
-                if lo < hi:
-                    with safe_open(str(path), framework="pt") as f:
-                        pieces.append(f.get_slice(part)[lo - s0 : hi - s0])
-            return torch.cat(pieces) if pieces else torch.zeros(0, self.dim)
-        if part == "weight":
-            return self._slice(MODEL_FILE, TABLE_KEY.format(layer_id=self.layer_id), start, stop)
-        key = f"table/{self._index}/{part}"
-        if self.step == 0:  # never stepped: SparseAdam has not created its moments yet
-            return torch.zeros(stop - start, self.dim)
-        return self._slice(OPTIM_FILE, key, start, stop)
-
-    def _slice(self, file: str, key: str, start: int, stop: int) -> Tensor:
-        with safe_open(str(self.ckpt.path / file), framework="pt") as f:
-            if key not in set(f.keys()):
-                raise CheckpointError(f"{self.ckpt.path / file} has no tensor {key!r}")
-            return f.get_slice(key)[start:stop]
-
-
 def load_shards(
     ckpt: Checkpoint, stores: Mapping[int, ShardedRowStore], layer_ids: tuple[int, ...]
 ) -> None:
@@ -175,32 +116,6 @@ def load_shards(
                 f"is ({store.num_rows}, {store.dim})"
             )
         store.load_rows(rows.read, rows.step)
-
-
-def assembled_tables(ckpt: Checkpoint, wanted: Collection[str]) -> dict[str, Tensor]:
-    """{state-dict key: full table} of a distributed checkpoint's sharded tables, for the keys
-    in `wanted` (a model's state-dict keys: tables it serves from another store are not read)."""
-    out = {}
-    for lid, rec in ckpt.state.get(SHARDED_KEY, {}).items():
-        key = TABLE_KEY.format(layer_id=lid)
-        if key in wanted:
-            out[key] = TableRows(ckpt, int(lid), ()).read("weight", 0, rec["num_rows"])
-    return out
-
-
-def assembled_table_optimizer(
-    ckpt: Checkpoint, layer_ids: tuple[int, ...], param_groups: Any
-) -> dict[str, Any]:
-    """The SparseAdam `state_dict` one process needs to continue a distributed run's tables."""
-    state: dict[int, dict[str, Any]] = {}
-    for i, lid in enumerate(layer_ids):
-        rows = TableRows(ckpt, lid, layer_ids)
-        if rows.step == 0:
-            continue
-        state[i] = {"step": rows.step}
-        for part in PARTS[1:]:
-            state[i][part] = rows.read(part, 0, rows.num_rows)
-    return {"state": state, "param_groups": param_groups}
 
 
 def save_distributed_checkpoint(
