@@ -3,6 +3,9 @@
 - `context`: the process groups of a run, made from torchrun's environment; bounded failures.
 - `tables`: sharded table checkpoints that reload on any number of ranks.
 - `launch`: `engram train --nproc N`, torchrun's elastic agent on this machine.
+- `placement`: `place`, the one function that puts a run's tables in RAM, on disk or sharded
+  over the ranks and wraps its dense model (DDP, compile); `engram.run.train` applies it to the
+  trainer of `engram.train`, which imports nothing from this package.
 - `engram.store.sharded`: the row-sharded table itself (all-to-all lookups and gradients).
 
 The model imports none of this: `parallelize` builds the Engram layers over sharded stores and
