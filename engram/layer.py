@@ -26,6 +26,10 @@ Design choices:
   `short_conv.conv`, `short_conv.norms`) so its weights map one to one; the table lives in
   `store` (`store.weight` for the in-memory store). Projections carry a bias, as the demo's
   `nn.Linear` defaults do. The conv is zero-initialised (the paper), so at init Y == v~.
+- Numerics follow the demo (docs/numerics.md lists every difference and its measurement): the
+  gate's RMSNorms (`norm1`, `norm2`) use `nn.RMSNorm`'s default epsilon (None, i.e.
+  `torch.finfo(dtype).eps`), as the demo builds them; the short conv's norms use 1e-5, the
+  demo's `ShortConv(norm_eps=1e-5)`. Projections keep PyTorch's default `nn.Linear` init.
 - Masking: `mask` (B,T) bool, True = live. A dead position's gate is forced to exactly 0 (so it
   feeds zeros into the conv and into the conv state), its output is exactly 0 (set with
   `torch.where`, so even non-finite hidden states there cannot leak), and its row ids are ignored
@@ -143,7 +147,9 @@ class Engram(nn.Module):
         kernel_size: the short conv's kernel size (4 in the paper).
         signed_sqrt_gate: apply sign(s)*sqrt(|s|) to the gate logit (the demo); False = the paper.
         use_short_conv: False gives Y = v~ (the paper's ablation).
-        norm_eps: epsilon of every RMSNorm.
+        norm_eps: epsilon of the short conv's RMSNorms (the demo's ShortConv: 1e-5).
+        gate_norm_eps: epsilon of the gate's RMSNorms `norm1`/`norm2`; None (the demo's
+            `nn.RMSNorm(D)`) means `torch.finfo(dtype).eps`.
         store: where the rows live; default an in-memory `MemoryRowStore(sum(table_sizes), dh)`.
         seed, table_std, sparse: the default store's init seed, init std and gradient kind.
         check_rows: bounds-check row ids on every call (one reduction and host sync).
@@ -161,6 +167,7 @@ class Engram(nn.Module):
         signed_sqrt_gate: bool = True,
         use_short_conv: bool = True,
         norm_eps: float = 1e-5,
+        gate_norm_eps: float | None = None,
         store: RowStore | None = None,
         seed: int = 0,
         table_std: float = 1.0,
@@ -218,8 +225,8 @@ class Engram(nn.Module):
         D, E, M = self.hidden_size, self.memory_dim, self.hc_mult
         self.value_proj = nn.Linear(E, D)
         self.key_projs = nn.ModuleList(nn.Linear(E, D) for _ in range(M))
-        self.norm1 = nn.ModuleList(nn.RMSNorm(D, eps=norm_eps) for _ in range(M))  # keys
-        self.norm2 = nn.ModuleList(nn.RMSNorm(D, eps=norm_eps) for _ in range(M))  # queries
+        self.norm1 = nn.ModuleList(nn.RMSNorm(D, eps=gate_norm_eps) for _ in range(M))  # keys
+        self.norm2 = nn.ModuleList(nn.RMSNorm(D, eps=gate_norm_eps) for _ in range(M))  # queries
         self.short_conv: ShortConv | None = (
             ShortConv(D, M, self.kernel_size, self.max_ngram_size, norm_eps)
             if use_short_conv
@@ -237,6 +244,7 @@ class Engram(nn.Module):
         store: RowStore | None = None,
         seed: int | None = None,
         norm_eps: float = 1e-5,
+        gate_norm_eps: float | None = None,
         table_std: float = 1.0,
         sparse: bool = True,
         check_rows: bool = True,
@@ -260,6 +268,7 @@ class Engram(nn.Module):
             signed_sqrt_gate=cfg.signed_sqrt_gate,
             use_short_conv=cfg.use_short_conv,
             norm_eps=norm_eps,
+            gate_norm_eps=gate_norm_eps,
             store=store,
             seed=cfg.seed if seed is None else seed,
             table_std=table_std,

@@ -76,8 +76,10 @@ def reference_forward(
     gates, raw = [], []
     for m in range(M):
         key = F.linear(e, layer.key_projs[m].weight, layer.key_projs[m].bias)
-        normed_key = _rms(key, layer.norm1[m].weight)
-        normed_query = _rms(hidden[:, :, m, :], layer.norm2[m].weight)
+        # the gate's norms are the demo's nn.RMSNorm(D): eps=None, i.e. finfo(dtype).eps
+        gate_eps = torch.finfo(key.dtype).eps
+        normed_key = _rms(key, layer.norm1[m].weight, gate_eps)
+        normed_query = _rms(hidden[:, :, m, :], layer.norm2[m].weight, gate_eps)
         gate = (normed_key * normed_query).sum(dim=-1) / math.sqrt(Dh)
         raw.append(gate)
         if layer.signed_sqrt_gate:

@@ -99,6 +99,7 @@ CONFIGS = {
         (dict(hc_mult=0), "hc_mult"),
         (dict(n_dense_layers=4), "n_dense_layers"),
         (dict(router_bias_update=-1.0), "router_bias_update"),
+        (dict(engram_value_init="normal"), "engram_value_init"),
     ],
 )
 def test_config_validation(kwargs: dict[str, object], match: str) -> None:
@@ -471,3 +472,26 @@ def test_engram_layers_are_not_reinitialised() -> None:
     expected = torch.empty(hasher.total_rows(1), ENGRAM.head_dim).normal_(0.0, 1.0, generator=gen)
     torch.testing.assert_close(model.table_parameters()[0].detach(), expected, rtol=0, atol=0)
     assert isinstance(model.param_counts(), ParamCounts)
+
+
+@pytest.mark.parametrize("value_init", ["zero", "reference"])
+def test_engram_value_init(value_init: str) -> None:
+    """ "zero": the value projection starts at 0, so the Engram model computes its backbone's
+    function; "reference": PyTorch's nn.Linear default, like the keys (the demo's init)."""
+    model, hasher = build(tiny(engram_value_init=value_init), ENGRAM)
+    layer = model.engram_layers()[1]
+    bound = 1.0 / ENGRAM.memory_dim**0.5
+    for proj in layer.key_projs:
+        assert 0.8 * bound < float(proj.weight.detach().abs().max()) <= bound
+    value = [layer.value_proj.weight.detach(), layer.value_proj.bias.detach()]
+    if value_init == "zero":
+        assert all(float(v.abs().max()) == 0.0 for v in value)
+    else:
+        assert all(0.8 * bound < float(v.abs().max()) <= bound for v in value)
+    idx = tokens(2, 8)
+    with torch.no_grad():
+        y = model(idx, rows_for(hasher, idx)).logits
+        for v in value:
+            v.zero_()  # Engram writes nothing into the residual stream
+        silent = model(idx, rows_for(hasher, idx)).logits
+    assert torch.equal(y, silent) == (value_init == "zero")

@@ -18,6 +18,7 @@ from engram.config import check_known_keys
 
 _FFN_KINDS = ("moe", "dense")
 _ROUTER_SCORES = ("softmax", "sigmoid")
+_ENGRAM_VALUE_INITS = ("zero", "reference")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,11 @@ class ModelConfig:
     hc_mult: int = 1
     # Dynamic (input-dependent) hyper-connections on top of the static ones (M > 1 only).
     hc_dynamic: bool = True
+    # Init of the Engram layers' value projection: "zero" (Engram adds nothing at init) or
+    # "reference" (PyTorch's default nn.Linear, the demo's). Measured (docs/numerics.md): with
+    # the default N(0, 1) tables at 5x lr "reference" is far worse (+0.9 nats on quick-engram,
+    # worse than the MoE); with the demo presets' std-0.1 tables at 100x it is 0.12 nats better.
+    engram_value_init: str = "zero"
 
     def __post_init__(self) -> None:
         for name in (
@@ -98,6 +104,11 @@ class ModelConfig:
             )
         if self.ffn not in _FFN_KINDS:
             raise ValueError(f"ffn must be one of {list(_FFN_KINDS)}, got {self.ffn!r}")
+        if self.engram_value_init not in _ENGRAM_VALUE_INITS:
+            raise ValueError(
+                f"engram_value_init must be one of {list(_ENGRAM_VALUE_INITS)}, "
+                f"got {self.engram_value_init!r}"
+            )
         if self.router_score not in _ROUTER_SCORES:
             raise ValueError(
                 f"router_score must be one of {list(_ROUTER_SCORES)}, got {self.router_score!r}"
