@@ -92,8 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     try:
         return _run(args)
-    except KeyboardInterrupt:
-        print("engram: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # a training run that saved on the signal has already said where (TrainingInterrupted)
+        if not hasattr(exc, "checkpoint"):
+            print("engram: interrupted", file=sys.stderr)
         return 130
 
 
