@@ -1,7 +1,7 @@
 """Distributed training on this machine: row exchange volume and the time split, 1 vs 2 processes.
 
 Runs the same config three ways, one after the other from this one script:
-  - `plain`: one process, `engram.train.train` with the table in RAM (the yardstick);
+  - `plain`: one process, `engram.run.train` with the table in RAM (the yardstick);
   - `nproc=1`: the distributed code path on one rank (gloo; every lookup is a local all-to-all);
   - `nproc=2`: two ranks, tables row-sharded, DDP on the dense weights (`engram train --nproc 2`).
 Each run logs, per step, what rank 0 sent to the other rank and how long its exchanges took

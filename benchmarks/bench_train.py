@@ -10,7 +10,7 @@ gather, sparse gradients and SparseAdam; batches (and their hash rows) are prepa
 as the background loader does during training. `--variants` also times bf16 autocast and
 torch.compile for the Engram model against its plain fp32 eager step.
 
-quality: trains both models with `engram.train.train` for each seed (seeds change model init and
+quality: trains both models with `engram.run.train` for each seed (seeds change model init and
 batch order; the validation split is fixed) and prints final validation losses, their paired
 difference, and tokens/s. The corpus is the demo's (King James Version, 5% of chapters held out).
 """
@@ -29,9 +29,10 @@ from engram.data import BatchLoader, prepare_data
 from engram.data.tokenize import data_tokenizer
 from engram.demo import demo_configs
 from engram.optim import build_optimizer
+from engram.run import train
 from engram.run_config import apply_overrides
 from engram.tokenizer import separator_id
-from engram.train import build_run, train
+from engram.train import build_run
 
 
 def _stepper(cfg, bf16=False, compile_=False):

@@ -27,11 +27,12 @@ from engram.model import EngramLM, ModelConfig
 from engram.optim import OptimConfig
 from engram.plan import plan_allocation
 from engram.presets import preset
+from engram.run import train
 from engram.run_config import RunConfig, TrainConfig, apply_overrides
 from engram.serving import ServedModel, TierConfig, load_served
 from engram.store import CachedRowStore, MemoryRowStore, MmapRowStore, RowStore
 from engram.tokenizer import load_builtin_tokenizer
-from engram.train import evaluate, load_trained, train
+from engram.train import evaluate, load_trained
 from engram.version import __version__
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 This is the one place where `engram.train` (the loop, which knows nothing of tiers or process
 groups) meets `engram.parallel.placement.place` (which knows nothing of the loop). It is
-re-exported as `engram.train.train`, the name the CLI and the rest of the library use.
+the `train` the CLI, `engram.train` (the package root) and the rest of the library use.
 (`engram.runner` is something else: it runs many such trainings side by side.)
 """
 

@@ -7,7 +7,7 @@ fixed thread count per run keeps every result bit-reproducible whatever runs bes
 
 Design choices:
 - A job is (config, run directory, optional second text); a worker trains it with
-  `engram.train.train` (resuming, or re-reporting a finished run) and evaluates it on the second
+  `engram.run.train` (resuming, or re-reporting a finished run) and evaluates it on the second
   text (`engram.heldout`). Nothing is shared between workers but the read-only caches, which the
   parent builds first (`prepare_caches`) so that no two workers tokenize the same corpus.
 - Workers are spawned processes (`multiprocessing` "spawn": no forked torch or thread state).
@@ -58,7 +58,8 @@ def run_job(cfg_dict: dict[str, Any], out: str, second: tuple[str, str, int | No
             progress: bool) -> tuple[float | None, float | None, float, float, int]:  # fmt: skip
     """Train (or re-report) one run and evaluate it on the second text; runs in a worker."""
     from engram.heldout import heldout_loss
-    from engram.train import torch_threads, train
+    from engram.run import train
+    from engram.train import torch_threads
 
     t0 = time.perf_counter()
     cfg = RunConfig.from_dict(cfg_dict)

@@ -13,7 +13,7 @@ Two experiments from the paper (SPEC section 5), on the built-in corpus or the u
   table; active FLOPs do not.
 
 Design choices:
-- Each point is an ordinary run directory trained by `engram.train.train`, so a sweep resumes
+- Each point is an ordinary run directory trained by `engram.run.train`, so a sweep resumes
   where it stopped (finished runs are re-reported from their metrics, a half-trained one
   continues from its last checkpoint; `ckpt_every` is set so an interruption loses at most a
   quarter of a run) and any point can be inspected with the other commands.

@@ -22,7 +22,7 @@ Design choices:
   distribution choices are applied from outside by one function, `place` (the tables in RAM,
   on disk or sharded over ranks; DDP and `torch.compile` on the dense model; see
   `engram.parallel.placement`). This module imports nothing from `engram.parallel`: `train`,
-  which composes the two, lives in `engram.run` and is re-exported here.
+  which composes the two, lives in `engram.run` (`from engram.run import train`).
 - Distributed (`dist=`): the same loop on every rank. Each rank trains on its block of the
   global batch with its shard of every table and the dense weights in DDP; the logged losses
   are all-reduced to the global batch's mean, rank 0 alone writes metrics and commits
@@ -646,13 +646,3 @@ class Trainer:
             step_time_s=med, loader_wait_s=sum(h["wait_s"] for h in history),
             counts=self.model.param_counts(), checkpoint=self.checkpoint, history=history,
         )  # fmt: skip
-
-
-def __getattr__(name: str) -> Any:
-    """`engram.train.train`, which lives in `engram.run` (it applies `engram.parallel`'s
-    placement to this module's trainer, so it sits above both)."""
-    if name == "train":
-        from engram.run import train
-
-        return train
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

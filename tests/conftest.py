@@ -38,7 +38,7 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory, analysis_cache):
     Tests that load them must set ENGRAM_CACHE_DIR to `analysis_cache` (see `analysis_env`).
     """
     from engram.presets import tiny_engram, tiny_moe
-    from engram.train import train
+    from engram.run import train
 
     root = tmp_path_factory.mktemp("tiny-runs")
     out = {}

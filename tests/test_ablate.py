@@ -20,8 +20,8 @@ from engram.ablate import (
 )
 from engram.cli import main
 from engram.presets import run_shape, tiny_engram, tiny_moe
+from engram.run import train
 from engram.run_config import ConfigError, apply_overrides
-from engram.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

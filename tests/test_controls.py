@@ -21,8 +21,9 @@ from engram.config import EngramConfig
 from engram.data import BatchLoader, prepare_data
 from engram.indexer import NgramIndexer
 from engram.presets import tiny_engram
+from engram.run import train
 from engram.run_config import apply_overrides
-from engram.train import build_run, load_trained, train
+from engram.train import build_run, load_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,9 +15,10 @@ import torch
 from engram.checkpoint import CheckpointError, read_checkpoint
 from engram.generate import generate
 from engram.presets import tiny_engram
+from engram.run import train
 from engram.store import MemoryRowStore, MmapRowStore
 from engram.store.trainable import DiskTrainedStore
-from engram.train import load_trained, train
+from engram.train import load_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -120,7 +121,7 @@ _KILLER = textwrap.dedent(
     import engram.store.mmap as mm
     import engram.store.trainable as tr
     from engram.presets import tiny_engram
-    from engram.train import train
+    from engram.run import train
 
     import torch
 

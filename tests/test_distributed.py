@@ -34,9 +34,10 @@ from engram.checkpoint import LATEST
 from engram.data import DataError
 from engram.parallel import DistributedError, init_from_env
 from engram.presets import tiny_engram
+from engram.run import train
 from engram.run_config import apply_overrides
 from engram.store.sharded import RowSharding
-from engram.train import load_trained, train
+from engram.train import load_trained
 
 REPO = Path(__file__).resolve().parents[1]
 

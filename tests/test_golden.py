@@ -1,6 +1,6 @@
 """Golden losses (as torchtitan keeps them): the first steps of the tiny presets, on CPU, pinned.
 
-The numbers below are the per-step training losses of `engram.train.train` on CPU with one
+The numbers below are the per-step training losses of `engram.run.train` on CPU with one
 PyTorch thread. Any change that moves them (init, epsilon, optimizer, data order, hashing...)
 MUST be explained in the commit that changes them: say what changed and why the new numbers
 are right. Regenerate with `python3 tests/test_golden.py` and paste its output.
@@ -48,7 +48,7 @@ GOLDEN: dict[str, list[float]] = {
 
 
 def _losses(cfg: RunConfig, out_dir) -> list[float]:
-    from engram.train import train
+    from engram.run import train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -10,8 +10,9 @@ import pytest
 from engram.data import PackedSplit, prepare_data
 from engram.heldout import HELDOUT_FILE, heldout_loss
 from engram.presets import tiny_engram
+from engram.run import train
 from engram.run_config import apply_overrides
-from engram.train import evaluate, load_trained, train
+from engram.train import evaluate, load_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -231,7 +231,6 @@ def test_the_store_uses_only_the_standard_library_numpy_torch_and_safetensors() 
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.xfail(reason="trainer reshape in progress", strict=False)
 def test_train_imports_nothing_from_parallel() -> None:
     deps = {d for d in GRAPH["engram.train"] if _matches(d, "engram.parallel.*")}
     assert not deps, f"engram.train imports {sorted(deps)}"

@@ -20,9 +20,10 @@ import pytest
 import engram.checkpoint as checkpoint_mod
 from engram.checkpoint import CheckpointError, read_checkpoint
 from engram.presets import tiny_moe
+from engram.run import train
 from engram.run_config import ConfigError, apply_overrides
 from engram.rundir import LOCK_FILE, RunDirLocked, RunLock
-from engram.train import TrainingInterrupted, read_metrics, train
+from engram.train import TrainingInterrupted, read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,7 +111,8 @@ _TRAINER = """
     import sys
     from engram.presets import tiny_moe
     from engram.run_config import apply_overrides
-    from engram.train import TrainingInterrupted, train
+    from engram.train import TrainingInterrupted
+    from engram.run import train
     import torch
     torch.set_num_threads(1)
     cfg = apply_overrides(tiny_moe(), ["train.eval_every=0", "train.steps=5000"])

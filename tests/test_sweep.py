@@ -9,9 +9,10 @@ import pytest
 
 from engram.cli import main
 from engram.presets import engram_template, tiny_moe
+from engram.run import train
 from engram.run_config import apply_overrides
 from engram.sweep import SweepConfig, rho_curve, run_sweep, sweep_points, table_curve
-from engram.train import read_metrics, train
+from engram.train import read_metrics
 
 TEMPLATE = replace(engram_template((1,)), n_embed_per_ngram=16, n_head_per_ngram=2)
 

@@ -439,8 +439,8 @@ def test_writable_store_updates_like_memory_store_then_seals(tmp_path):
 def engram_run(tmp_path_factory):
     """A tiny trained Engram run (2 steps) with its checkpoint."""
     from engram.presets import tiny_engram
+    from engram.run import train
     from engram.run_config import apply_overrides
-    from engram.train import train
 
     cfg = apply_overrides(
         tiny_engram(), ["train.steps=2", "train.eval_every=2", "train.ckpt_every=2"]

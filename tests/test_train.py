@@ -10,8 +10,9 @@ import torch
 
 from engram.checkpoint import CheckpointError, read_checkpoint
 from engram.presets import tiny_engram, tiny_moe
+from engram.run import train
 from engram.run_config import ConfigError, apply_overrides
-from engram.train import evaluate, load_trained, train
+from engram.train import evaluate, load_trained
 
 
 @pytest.fixture(autouse=True)

@@ -86,7 +86,7 @@ def _launch(cfg, args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from engram.train import train
+    from engram.run import train
 
     require("matplotlib", "`engram train` (its loss.png)")
     cfg = run_config(args)
