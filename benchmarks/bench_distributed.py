@@ -16,7 +16,7 @@ Each run logs, per step, what rank 0 sent to the other rank and how long its exc
 
 With `--exchange`, instead: the row exchange alone on 2 ranks (gloo over loopback), unique
 ids from 1k to 256k per rank, to read off the all-to-all's fixed cost and bandwidth here
-(the constants of the README's scaling arithmetic).
+(the constants of the scaling arithmetic in docs/distributed.md).
 
 Usage: python benchmarks/bench_distributed.py [--steps 30] [--rounds 2] [--preset demo-engram]
        [--set K=V ...]

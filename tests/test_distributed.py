@@ -114,7 +114,11 @@ def _assert_close_losses(a, b, rel=1e-5):
             assert vb == pytest.approx(va, rel=rel), f"val at step {step}"
 
 
-def _assert_close_models(a, b, rtol=1e-4, atol=1e-5):
+def _assert_close_models(a, b, rtol=1e-4, atol=5e-5):
+    # Two ranks sum gradients in another order than one process. Adam divides each coordinate's
+    # step by its own gradient scale, so a near-zero gradient that differs in its last bits moves
+    # its weight by a visible fraction of lr (3e-3 here): measured up to 2.1e-5 in tok_emb after
+    # 6 steps since the key projections keep the demo's default init (1e-5 held before).
     sa, sb = a.state_dict(), b.state_dict()
     assert sorted(sa) == sorted(sb)
     for k in sa:
