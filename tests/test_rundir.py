@@ -154,6 +154,7 @@ def test_interrupt_in_process_raises_training_interrupted(tmp_path, monkeypatch,
     """The exception contract the CLI maps: a KeyboardInterrupt carrying the line it printed."""
     trainer_mod = sys.modules["engram.train"]  # (`engram.train` the attribute is the function)
     real_step = trainer_mod.Trainer.step
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup / `&`
 
     def step_then_signal(self, step, stop=False):
         out = real_step(self, step, stop)
@@ -169,7 +170,7 @@ def test_interrupt_in_process_raises_training_interrupted(tmp_path, monkeypatch,
     assert str(info.value) == f"engram: interrupted at step 2; saved {info.value.checkpoint}"
     assert str(info.value) in capsys.readouterr().err
     assert read_checkpoint(tmp_path / "run").step == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # restored
 
 
 def test_full_disk_names_the_checkpoint_and_keeps_the_previous(tmp_path, monkeypatch):
