@@ -141,7 +141,7 @@ def test_demo_pipeline_with_tiny_models(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path, capsys):
-    """The real `engram demo --quick` (about 1.5 min; CI runs the tiny-model pipeline above)."""
+    """The real `engram demo --quick` (about 2 min; CI runs the tiny-model pipeline above)."""
     assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "validation: Engram vs MoE" in out
