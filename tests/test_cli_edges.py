@@ -244,3 +244,11 @@ def test_generate_verify_table_and_prompt_file(tiny_runs, tmp_path, capsys):
     assert main([*argv, "--verify-table"]) == 2
     err = capsys.readouterr().err
     assert "corrupt" in err and err.count("\n") == 1
+
+
+def test_version(capsys):
+    """`engram --version` names the package version and the distribution."""
+    from engram import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"engram {__version__} (engram-lm)"

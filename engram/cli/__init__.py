@@ -33,12 +33,14 @@ from collections.abc import Sequence
 from engram.cli import analyze, experiments, model, run, table
 from engram.cli.common import OPTIONAL, CLIError, Parser, check_files
 from engram.parallel.context import DistributedError
+from engram.version import __version__
 
 __all__ = ["CLIError", "build_parser", "main"]
 
 
 def build_parser() -> Parser:
     p = Parser(prog="engram", description="Engram conditional memory for PyTorch")
+    p.add_argument("--version", action="version", version=f"engram {__version__} (engram-lm)")
     sub = p.add_subparsers(dest="command", required=True)
     run.add_parsers(sub)
     experiments.add_parsers(sub)
