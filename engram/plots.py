@@ -126,43 +126,45 @@ def _arm_panel(ax: Any, arms: Sequence[Mapping[str, Any]], kind: str, title: str
     ax.grid(axis="x", alpha=0.3)
 
 
+def _ladder_panel(ax: Any, arms: list[Mapping[str, Any]], ladder: list[Mapping[str, Any]],
+                  kind: str, color: str, title: str) -> None:  # fmt: skip
+    """Loss against table slots (log scale) for one text, with the no-table controls as lines."""
+    pts = sorted((a for a in ladder if a[kind]["losses"]), key=lambda a: a["table_slots"])
+    ax.errorbar([a["table_slots"] for a in pts], [a[kind]["mean"] for a in pts],
+                yerr=[a[kind]["std"] or 0.0 for a in pts], fmt="o-", color=color,
+                capsize=3, label="table of this size")  # fmt: skip
+    for ref, ls in (("no-information", "--"), ("experts", ":"), ("baseline", "-.")):
+        r = next((a for a in arms if a["name"] == ref and a[kind]["losses"]), None)
+        if r is not None:
+            ax.axhline(r[kind]["mean"], color="gray", ls=ls, lw=1, label=ref)
+    ax.set_xscale("log")
+    ax.set_xlabel("table slots (log scale), same heads and backbone")
+    ax.set_ylabel("loss (nats/token), mean ± std over seeds")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best", framealpha=0.6)
+
+
 def plot_ablation_panels(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """An ablation report (`AblationResult.to_dict()`): every arm in-domain and on the second
-    text, and the capacity ladder (loss against table slots, log scale) with the controls."""
+    text, then the capacity ladder (loss against table slots, log scale) with the no-table
+    controls, one panel per text so that each keeps its own loss scale."""
     arms = report["arms"]
     has_second = any(a["second"]["losses"] for a in arms)
-    ladder = [a for a in arms if a["scale"] is not None and a["val"]["losses"]]
-    n = 1 + has_second + (len(ladder) > 1)
+    ladder = [a for a in arms if a["scale"] is not None]
+    kinds = [k for k in ("val", "second") if sum(bool(a[k]["losses"]) for a in ladder) > 1]
+    n = 1 + has_second + len(kinds)
     fig = Figure(figsize=(5.2 * n, 4.2))
-    ax = fig.add_subplot(1, n, 1)
-    _arm_panel(ax, arms, "val", "held-out split (in-domain)")
-    col = 2
+    _arm_panel(fig.add_subplot(1, n, 1), arms, "val", "held-out split (in-domain)")
+    second_title = f"second text: {report.get('second_text')}"
     if has_second:
-        _arm_panel(fig.add_subplot(1, n, col), arms, "second",
-                   f"second text: {report.get('second_text')}")  # fmt: skip
-        col += 1
-    if len(ladder) > 1:
-        ax = fig.add_subplot(1, n, col)
-        ladder = sorted(ladder, key=lambda a: a["table_slots"])
-        for kind, color, label in (("val", "tab:blue", "in-domain"),
-                                   ("second", "tab:green", "second text")):  # fmt: skip
-            pts = [a for a in ladder if a[kind]["losses"]]
-            if not pts:
-                continue
-            xs = [a["table_slots"] for a in pts]
-            ax.errorbar(xs, [a[kind]["mean"] for a in pts],
-                        yerr=[a[kind]["std"] or 0.0 for a in pts], fmt="o-", color=color,
-                        capsize=3, label=f"{label}: table of this size")  # fmt: skip
-            for ref, ls in (("no-information", "--"), ("experts", ":"), ("baseline", "-.")):
-                r = next((a for a in arms if a["name"] == ref and a[kind]["losses"]), None)
-                if r is not None:
-                    ax.axhline(r[kind]["mean"], color=color, ls=ls, lw=1, alpha=0.7,
-                               label=f"{label}: {ref}")  # fmt: skip
-        ax.set_xscale("log")
-        ax.set_xlabel("table slots (log scale), same heads and backbone")
-        ax.set_ylabel("loss (nats/token), mean ± std over seeds")
-        ax.set_title("capacity ladder")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="best", framealpha=0.6)
+        _arm_panel(fig.add_subplot(1, n, 2), arms, "second", second_title)
+    for col, kind in enumerate(kinds, start=2 + has_second):
+        color, title = (
+            ("tab:blue", "capacity ladder, in-domain")
+            if kind == "val"
+            else ("tab:green", "capacity ladder, " + second_title)
+        )
+        _ladder_panel(fig.add_subplot(1, n, col), arms, ladder, kind, color, title)
     fig.tight_layout()
     return _save(fig, path)
