@@ -440,21 +440,6 @@ def format_ablation(result: AblationResult) -> str:
     return "\n".join([*lines, "", *result.findings])
 
 
-def parse_scales(text: str) -> tuple[float, ...]:
-    """'1/64,1/16,0.25' -> (0.015625, 0.0625, 0.25)."""
-    out = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        try:
-            if "/" in part:
-                num, den = part.split("/", 1)
-                out.append(float(num) / float(den))
-            else:
-                out.append(float(part))
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"bad capacity scale {part!r}; expected e.g. 1/16 or 0.25") from None
-    return tuple(out)
-
-
 def ablation_report(result: AblationResult, as_json: bool = False) -> str:
     """What `engram ablate` prints: the JSON (`as_json`), or the table, findings and files."""
     if as_json:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -15,10 +16,10 @@ from engram.ablate import (
     build_arms,
     capacity_fit,
     paired,
-    parse_scales,
     run_ablation,
 )
 from engram.cli import main
+from engram.cli.common import scale_list
 from engram.presets import run_shape, tiny_engram, tiny_moe
 from engram.run import train
 from engram.run_config import ConfigError, apply_overrides
@@ -74,9 +75,10 @@ def test_refusals():
         AblationConfig(controls=("magic",))
     with pytest.raises(ValueError, match="not 1"):
         AblationConfig(capacity_scales=(1.0,))
-    assert parse_scales("1/64, 0.25,1/16") == (1 / 64, 0.25, 1 / 16)
-    with pytest.raises(ValueError, match="bad capacity scale"):
-        parse_scales("1/0")
+    # --capacity's parser (the one place that reads "1/16"-style scales)
+    assert scale_list("1/64, 0.25,1/16") == (1 / 64, 0.25, 1 / 16)
+    with pytest.raises(argparse.ArgumentTypeError, match="positive numbers"):
+        scale_list("1/0")
 
 
 def _arm_result(name, val, scale=None, slots=100):

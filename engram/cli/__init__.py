@@ -95,8 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt as exc:
-        # a training run that saved on the signal has already said where (TrainingInterrupted)
-        if not hasattr(exc, "checkpoint"):
+        from engram.train import TrainingInterrupted  # lazy: torch; imported by then if training
+
+        if not isinstance(exc, TrainingInterrupted):  # a saved run has already said where
             print("engram: interrupted", file=sys.stderr)
         return 130
 
