@@ -33,10 +33,6 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-# Re-exported: the row-wise Adam moved to the leaf module engram.rowadam (stores import it).
-from engram.rowadam import coalesce_rows as coalesce_rows
-from engram.rowadam import sparse_adam_rows as sparse_adam_rows
-
 
 @dataclass(frozen=True)
 class OptimConfig:
