@@ -302,3 +302,28 @@ def test_constant_addressing_control_reads_row_zero(tok):
     model = add_engram(tiny("llama"), cfg, tok)
     ids = torch.randint(0, 50257, (2, 5))
     assert not get_attachment(model).rows(ids, None).any()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tok):
+    """HF's checkpointing (hooks outside) and torch's checkpoint_wrapper (hooks inside, rerun
+    during backward after the forward returned) both give the plain gradients."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    ids = torch.randint(0, 50257, (2, 10), generator=torch.Generator().manual_seed(5))
+    grads = []
+    for how in ("none", "hf", "torch"):
+        model = with_engram("llama", tok)
+        model.train()
+        if how == "hf":
+            model.gradient_checkpointing_enable()
+        elif how == "torch":
+            layers = model.model.layers
+            for i in CFG.layer_ids:
+                layers[i] = checkpoint_wrapper(layers[i])
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        att = get_attachment(model)
+        grads.append([p.grad.to_dense().clone() for p in att.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) == len(grads[2]) > 0
+    for a, b, c in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-6)

@@ -29,6 +29,10 @@ Design choices:
 - A caller that already has the rows (engram's trainer hashes in a background thread) passes
   `engram_rows=(L, B, T, H)` to the model's forward; they reach the backbone hook through the
   model's `**kwargs` and bypass hashing.
+- Activation checkpointing: `transformers` checkpoints a layer's `forward`, so the hooks run
+  once, outside; a wrapper that checkpoints the module call (torch's `checkpoint_wrapper`,
+  FSDP's) reruns the hook during backward, after the forward returned. For that the hook keeps the last grad-enabled forward's call keyed by the layer's input tensor
+  (storage and shape), which the rerun passes again; the next grad-enabled forward drops them.
 - Engram computes in its own dtype (float32 by default) and casts its output to the stream's.
 """
 
@@ -130,6 +134,9 @@ class EngramAttachment(nn.Module):
             nn.init.zeros_(layer.value_proj.bias)
             self.layers[str(lid)] = layer
         self._call: _Call | None = None
+        # Calls of the last forward with gradients, by each layer's input, for activation
+        # checkpointing (which reruns a layer during backward, after the forward has returned).
+        self._saved: dict[tuple[int, tuple[int, ...]], _Call] = {}
 
     # ----------------------------------------------------------------------------- structure
     def engram_layers(self) -> dict[int, Engram]:
@@ -187,13 +194,18 @@ class EngramAttachment(nn.Module):
     # ---------------------------------------------------------------------------- hooks
     def _layer_hook(self, layer_id: int, index: int) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
+            key = (hidden.data_ptr(), tuple(hidden.shape))
             call = self._call
+            if call is None:  # a checkpointed layer recomputing its forward during backward
+                call = self._saved.get(key)
+            elif torch.is_grad_enabled():
+                self._saved[key] = call
             if call is None:
                 raise RuntimeError(
                     f"decoder layer {layer_id} ran outside its model's forward; Engram gets its "
                     "rows from the backbone's input_ids (call the model, not the layer)"
                 )
-            hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
             engram: Engram = self.layers[str(layer_id)]  # type: ignore[assignment]
             dtype = engram.value_proj.weight.dtype
             rows = call.rows[index].to(hidden.device)  # (B, T, H)
@@ -373,6 +385,8 @@ def _install_hooks(model: nn.Module, backbone: Backbone, att: EngramAttachment) 
                 f"{T}, {att.hasher.n_subtables}), got {tuple(rows.shape)}"
             )
         att._call = _Call(rows, live, state, cache)
+        if torch.is_grad_enabled():
+            att._saved = {}
         return (), kw
 
     def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
