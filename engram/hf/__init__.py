@@ -11,13 +11,28 @@ from engram.hf.attach import (
     get_attachment,
 )
 from engram.hf.families import FAMILIES, UnsupportedModelError, find_backbone
+from engram.hf.io import EngramLoadError, close_engram, load_engram, save_engram
+from engram.hf.optim import (
+    EngramHFOptimizer,
+    build_hf_optimizer,
+    hf_optimizers,
+    prepare_training,
+)
 
 __all__ = [
     "FAMILIES",
     "EngramAttachment",
     "EngramDecodeState",
+    "EngramHFOptimizer",
+    "EngramLoadError",
     "UnsupportedModelError",
     "add_engram",
+    "build_hf_optimizer",
+    "close_engram",
     "find_backbone",
     "get_attachment",
+    "hf_optimizers",
+    "load_engram",
+    "prepare_training",
+    "save_engram",
 ]
