@@ -139,8 +139,10 @@ def test_round_trip_ram_and_mmap_is_exact(tok, tmp_path: Path) -> None:
         assert torch.equal(served.generate(**prompt, **kw), model.generate(**prompt, **kw))
         stats = get_attachment(served).serving.stats()
         assert stats["0"]["cache"]["lookups"] > 0
+        again = save_engram(served, tmp_path / "again")  # rows read back from the table files
     finally:
         close_engram(served)
+    assert torch.equal(logits(load_engram(base(tok), again, tok), inputs), ref)
 
 
 def test_round_trip_lora_and_full_mode(tok, tmp_path: Path) -> None:
@@ -163,6 +165,30 @@ def test_round_trip_lora_and_full_mode(tok, tmp_path: Path) -> None:
     assert read_manifest(out)["mode"] == "full" and "base_model.safetensors" in os.listdir(out)
     fresh = base(tok, seed=5)  # any base of the architecture: its weights are replaced
     assert torch.equal(logits(load_engram(fresh, out, tok), inputs), ref)
+
+
+def test_full_mode_with_tied_embeddings_gpt2(tok, tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2(seed: int) -> GPT2LMHeadModel:
+        torch.manual_seed(seed)
+        config = GPT2Config(
+            vocab_size=tok.get_vocab_size(), n_embd=32, n_layer=3, n_head=4, n_positions=64,
+            eos_token_id=0, bos_token_id=0,
+        )  # fmt: skip
+        return GPT2LMHeadModel(config).eval()
+
+    model = prepare_training(add_engram(gpt2(0), CFG, tok), "full")
+    perturb([model.transformer.wte.weight, *get_attachment(model).parameters()], seed=3)
+    inputs = batch(tok)
+    ref = logits(model, inputs)
+    out = save_engram(model, tmp_path / "gpt2")
+    assert read_manifest(out)["base"]["aliases"]  # the tied weight is stored once
+    loaded = load_engram(gpt2(1), out, tok)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied
+    assert torch.equal(logits(loaded, inputs), ref)
+    with pytest.raises(ValueError, match="no Engram attached"):
+        save_engram(gpt2(0), tmp_path / "none")
 
 
 def test_base_fingerprint_ignores_engram_lora_and_fp32_vs_bf16(tok) -> None:

@@ -549,14 +549,16 @@ def _table_files(d: Path, manifest: Mapping[str, Any], cfg: EngramConfig) -> dic
     return files
 
 
-def _ram_stores(d: Path, files: Mapping[int, Path], fingerprint: str) -> dict[int, RowStore]:
+def _ram_stores(
+    d: Path, files: Mapping[int, Path], fingerprint: str, std: float
+) -> dict[int, RowStore]:
     try:
         tables = read_tables(files, expected_fingerprint=fingerprint, verify=True)
     except TableFileError as e:
         raise _fail(d, str(e)) from None
     stores: dict[int, RowStore] = {}
     for lid, table in tables.items():  # (num_rows, dim) float32
-        s = MemoryRowStore(table.shape[0], table.shape[1], std=0.0, check_bounds=False)
+        s = MemoryRowStore(table.shape[0], table.shape[1], std=std, check_bounds=False)
         with torch.no_grad():
             s.weight.copy_(table)
         stores[lid] = s
@@ -714,8 +716,9 @@ def load_engram(
     fingerprint = manifest["hash_fingerprint"]
     emb = model.get_input_embeddings().weight
     serving = None
+    table_std = float(manifest.get("table_std", 1.0))
     if tables == "ram":
-        stores = _ram_stores(d, files, fingerprint)
+        stores = _ram_stores(d, files, fingerprint, table_std)
     else:
         tier = TierConfig(store="mmap", cache_rows=cache_rows, prefetch=prefetch, verify=verify)
         stores, prefetcher = _mmap_stores(d, files, fingerprint, tier, emb.device)
@@ -726,7 +729,7 @@ def load_engram(
             _load_base_weights(d, manifest, model)
         add_engram(
             model, cfg, tokenizer, train_base=base_saved, stores=stores,
-            table_std=float(manifest.get("table_std", 1.0)), compressor=compressor,
+            table_std=table_std, compressor=compressor,
             sep_id=manifest.get("sep_id"),
         )  # fmt: skip
     except BaseException:

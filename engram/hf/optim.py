@@ -176,10 +176,27 @@ def build_hf_optimizer(model: nn.Module, optim_cfg: OptimConfig | None = None) -
 
 
 # -------------------------------------------------------------------------- Trainer optimizer
+# id(table parameter) -> (the parameter, the EngramHFOptimizer that owns its gradients), both
+# weak; kept here rather than as an attribute of the parameter, which would stop it pickling.
+_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _owner(p: Tensor) -> Any:
+    rec = _OWNERS.get(id(p))
+    return rec[1]() if rec is not None and rec[0]() is p else None
+
+
+def _claim(p: Tensor, opt: Any) -> None:
+    for key, (param, owner) in list(_OWNERS.items()):  # forget dead entries
+        if param() is None or owner() is None:
+            del _OWNERS[key]
+    _OWNERS[id(p)] = (weakref.ref(p), weakref.ref(opt))
+
+
 def _stash_hook(ref: weakref.ReferenceType) -> Any:
     def hook(p: Tensor) -> None:
         opt = ref()
-        if opt is not None and getattr(p, "_engram_grad_owner", None) is ref:
+        if opt is not None and _owner(p) is opt:
             opt._take_grad(p)
 
     return hook
@@ -213,7 +230,7 @@ class EngramHFOptimizer(torch.optim.Optimizer):
         ref = weakref.ref(self)
         self._handles: list[Any] = []
         for p in self._tables:
-            p._engram_grad_owner = ref  # type: ignore[attr-defined]
+            _claim(p, self)
             self._handles.append(p.register_post_accumulate_grad_hook(_stash_hook(ref)))
         weakref.finalize(self, _remove, self._handles)
 
