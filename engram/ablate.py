@@ -150,6 +150,12 @@ def build_arms(run_cfg: RunConfig, ab: AblationConfig, baseline: RunConfig | Non
             f"run {run_cfg.name!r} has no Engram memory; ablate an Engram run (its controls "
             "need a table), or compare baselines with `engram sweep`"
         )
+    if run_cfg.base is not None:
+        raise ConfigError(
+            f"run {run_cfg.name!r} trains a Hugging Face base model ({run_cfg.base.path!r}); "
+            "`engram ablate` builds its controls and baselines from engram's own backbone and "
+            "does not support base-model runs"
+        )
     if run_cfg.engram.addressing != "ngram":
         raise ConfigError(
             f"run {run_cfg.name!r} is itself a control (engram.addressing="

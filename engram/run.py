@@ -40,11 +40,19 @@ def train(
     whose tables are saved as shards that reload on any number of ranks (or in one process).
     `cfg.train.threads` (when > 0) sets PyTorch's thread count for the call.
 
+    With `cfg.base` (a local Hugging Face model, see `engram.hf.base`) the run trains that
+    model, Engram attached when `cfg.engram` is set; the base's fingerprint is recorded in the
+    run's config on the first call and a later call (a resume) refuses another base.
+
     Refusals (`ValueError` subclasses, one line each): another process holds the run directory
     (`engram.rundir.RunDirLocked`), its config differs, a write failed (`RunDirError`,
     `CheckpointError`). SIGINT/SIGTERM save the step in progress and raise
     `engram.train.TrainingInterrupted` (a `KeyboardInterrupt`) after printing where.
     """
+    if cfg.base is not None:  # record (or check) the base model's fingerprint first
+        from engram.hf.base import resolve_base
+
+        cfg = resolve_base(cfg)
     with torch_threads(cfg.train.threads):
         device = resolve_device(cfg.train.device) if dist is None else dist.device
         check_placement(cfg, dist, device)

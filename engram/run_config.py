@@ -5,6 +5,11 @@ Design choices:
   `EngramConfig` (memory; None for a baseline), `DataConfig`, `OptimConfig`, and `TrainConfig`
   (the loop's own knobs, defined here). `RunConfig` only groups them, so the model never sees
   the loop's settings and the loop never reaches into the model's.
+- A sixth, optional section, `BaseConfig`, makes a local Hugging Face causal LM the backbone
+  (`engram train --base PATH`). Such a run has no `model` section (`"model": null`): the base's
+  own config.json describes the backbone and is recorded in `base.hf_config` with a fingerprint
+  of the base (model type, config and weight files), so a resume or a load refuses another
+  base. Runs without a base serialise exactly as before (no `base` key).
 - The resolved config is written as json next to every run's outputs and inside every
   checkpoint; `RunConfig.from_dict` rejects unknown keys anywhere, naming them, so a typo in a
   config file is an error, not a silently ignored setting.
@@ -99,7 +104,46 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1 or null, got {value}")
 
 
+BASE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """A local Hugging Face causal LM as the run's backbone (see `engram.hf.base`)."""
+
+    # A local model directory (config.json + weights, as save_pretrained writes); never downloaded.
+    path: str
+    # True ("full"): the base's weights train too; False ("adapter"): frozen, only Engram trains.
+    train_base: bool = True
+    # Dtype the base is loaded in: float32 (bit-reproducible on CPU) or bfloat16 (half the memory
+    # of a frozen base; Engram itself always computes in float32).
+    dtype: str = "float32"
+    # sha256 of the base (model type, config, weight files), filled in when the run starts: a
+    # resume, an evaluation or a load refuses a base that differs.
+    fingerprint: str | None = None
+    # The base's config.json when the run started (provenance; the fingerprint covers it).
+    hf_config: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path.strip():
+            raise ValueError(f"base.path must be a model directory, got {self.path!r}")
+        if not isinstance(self.train_base, bool):
+            raise ValueError(f"base.train_base must be true or false, got {self.train_base!r}")
+        if self.dtype not in BASE_DTYPES:
+            raise ValueError(f"base.dtype must be one of {list(BASE_DTYPES)}, got {self.dtype!r}")
+        if self.fingerprint is not None and not isinstance(self.fingerprint, str):
+            raise ValueError(f"base.fingerprint must be a string or null, got {self.fingerprint!r}")
+        if self.hf_config is not None and not isinstance(self.hf_config, dict):
+            raise ValueError(f"base.hf_config must be an object or null, got {self.hf_config!r}")
+
+    @property
+    def mode(self) -> str:
+        """ "full" (the base trains) or "adapter" (frozen base, only Engram trains)."""
+        return "full" if self.train_base else "adapter"
+
+
 _SECTIONS: dict[str, type] = {
+    "base": BaseConfig,
     "model": ModelConfig,
     "engram": EngramConfig,
     "data": DataConfig,
@@ -114,8 +158,8 @@ class RunConfig:
 
     # A label for tables and plots.
     name: str = "run"
-    # The backbone.
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # The backbone; None (and not given) with a base model, whose own config describes it.
+    model: ModelConfig | None = None
     # The memory; None trains the backbone alone (the baseline).
     engram: EngramConfig | None = None
     # Where the tokens come from and how they are batched.
@@ -124,11 +168,29 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     # The loop.
     train: TrainConfig = field(default_factory=TrainConfig)
+    # A Hugging Face model as the backbone instead of `model`; None: engram's own EngramLM.
+    base: BaseConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.base is None and self.model is None:
+            object.__setattr__(self, "model", ModelConfig())
+        elif self.base is not None and self.model is not None:
+            raise ConfigError(
+                f"a run with a base model (base.path={self.base.path!r}) takes its backbone from "
+                "the base's own config: its model section must be null"
+            )
+        if self.base is not None and not self.base.train_base and self.engram is None:
+            raise ConfigError(
+                "base.train_base=false freezes the base model and the run has no Engram layers: "
+                "nothing would train (train the base, or add an engram section)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
         for section in _SECTIONS:
             value = getattr(self, section)
+            if section == "base" and value is None:
+                continue  # runs without a base serialise as they always did
             out[section] = None if value is None else _section_dict(value)
         return out
 
@@ -147,8 +209,13 @@ class RunConfig:
                 continue
             value = d[section]
             if value is None:
-                if section != "engram":
+                if section not in ("engram", "base", "model"):
                     raise ConfigError(f"config section {section!r} cannot be null")
+                if section == "model" and d.get("base") is None:
+                    raise ConfigError(
+                        "config section 'model' cannot be null (only a run with a base model "
+                        "has none)"
+                    )
                 kwargs[section] = None
                 continue
             kwargs[section] = _build_section(section, klass, value)
@@ -223,6 +290,30 @@ def _check_type(key: str, current: Any, value: Any) -> Any:
     return value
 
 
+def base_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """Why two run-config dicts name different base models (one line), or None if they do not.
+
+    Compares the bases' fingerprints (a config without a base has none): the same directory
+    whose weights changed is another base.
+    """
+    a, b = old.get("base") or {}, new.get("base") or {}
+    fa, fb = a.get("fingerprint"), b.get("fingerprint")
+    if not a and not b:
+        return None
+    if not a or not b:
+        which = "without" if not a else "with"
+        return (
+            f"it was trained {which} a base model, this config is "
+            f"{'with base ' + repr(b.get('path')) if b else 'without one'}"
+        )
+    if fa is not None and fb is not None and fa != fb:
+        return (
+            f"it was trained from base model {a.get('path')!r} with fingerprint {fa[:12]}, but "
+            f"{b.get('path')!r} now has fingerprint {fb[:12]} (another or a modified base)"
+        )
+    return None
+
+
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """Return `cfg` with each `section.field=value` (or unique `field=value`) applied."""
     d = cfg.to_dict()
@@ -258,6 +349,16 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         if name not in fields:
             raise ConfigError(f"unknown config key {key!r}; {section} has {sorted(fields)}")
         if d.get(section) is None:
+            if section == "model" and d.get("base") is not None:
+                raise ConfigError(
+                    f"{key} does not apply: this run's backbone is the base model "
+                    f"{d['base']['path']!r}, described by its own config.json"
+                )
+            if section == "base":
+                raise ConfigError(
+                    f"{key} does not apply: this run has no base model (start one with "
+                    "`engram train --base PATH`)"
+                )
             if section != "engram":
                 raise ConfigError(f"config section {section!r} is missing")
             d["engram"] = _section_dict(EngramConfig())

@@ -146,6 +146,14 @@ def sweep_points(
     from engram.model import flops_per_token
     from engram.plan import PlanError
 
+    if baseline.base is not None or baseline.model is None:
+        raise ValueError(
+            f"the sweep plans experts against tables in engram's own MoE backbone; "
+            f"{baseline.name!r} trains a Hugging Face base model ({baseline.base.path!r}), "
+            "which has no experts to trade (sweep Engram's size there with --table-size runs)"
+            if baseline.base is not None
+            else f"{baseline.name!r} has no model section"
+        )
     if baseline.model.ffn != "moe" or baseline.engram is not None:
         raise ValueError(
             f"the sweep's baseline must be an MoE run without Engram memory (model.ffn='moe', "

@@ -72,7 +72,7 @@ from engram.data.tokenize import data_tokenizer
 from engram.indexer import NgramIndexer
 from engram.model import EngramLM, ParamCounts
 from engram.optim import build_optimizer, lr_multiplier
-from engram.run_config import ConfigError, RunConfig
+from engram.run_config import ConfigError, RunConfig, base_difference
 from engram.rundir import RunDir, RunDirError, config_differences, open_run_dir, os_cause
 from engram.store.base import RowStore
 from engram.store.mmap import MmapRowStore
@@ -94,7 +94,7 @@ class RunParts:
     tokenizer: Any
     compressor: TokenizerCompressor
     indexer: NgramIndexer | None
-    model: EngramLM
+    model: EngramLM  # or an `engram.hf.lm.HFCausalLM` (a run with a base model), same interface
     eot_id: int  # the tokenizer's end-of-document id (packs documents, resets n-grams)
 
     @property
@@ -131,6 +131,9 @@ def build_run(
 ) -> RunParts:
     """Tokenizer, compressor, indexer and a freshly initialised model for `cfg` (seeded).
 
+    With `cfg.base` the model is that Hugging Face causal LM, loaded from its directory, with
+    Engram attached when `cfg.engram` is set (`engram.hf.lm.build_hf_model`).
+
     `stores` serve the given Engram layers' rows (see `EngramLM`); their tables are not built.
     It is `{layer_id: RowStore}` or a function of the run's indexer returning one (stores that
     need the table sizes or the hash fingerprint).
@@ -139,7 +142,7 @@ def build_run(
     eot_id = separator_id(tokenizer)
     kwargs = {} if cache_dir is None else {"cache_dir": cache_dir}
     compressor = TokenizerCompressor.from_tokenizer(tokenizer, **kwargs)
-    if cfg.model.vocab_size < compressor.vocab_size:
+    if cfg.model is not None and cfg.model.vocab_size < compressor.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
             f"{compressor.vocab_size} ids (data.tokenizer={cfg.data.tokenizer!r})"
@@ -158,6 +161,13 @@ def build_run(
         if callable(stores):
             stores = stores(indexer)
     torch.manual_seed(cfg.train.seed)
+    if cfg.base is not None:  # a Hugging Face causal LM as the backbone (engram.hf.lm)
+        from engram.hf.lm import build_hf_model
+
+        fp = None if indexer is None else indexer.hasher.fingerprint()
+        hf_model = build_hf_model(cfg, tokenizer, compressor, eot_id, stores, fp)
+        return RunParts(cfg, tokenizer, compressor, indexer, hf_model, eot_id)
+    assert cfg.model is not None
     model = EngramLM(
         cfg.model,
         cfg.engram,
@@ -474,6 +484,12 @@ class Trainer:
         else:
             previous = read_checkpoint(latest, verify=False).config
         old, new = dict(previous), cfg.to_dict()
+        other_base = base_difference(old, new)
+        if other_base is not None:
+            raise ConfigError(
+                f"{out} holds a run that cannot continue with this config: {other_base}; "
+                "resume it from the same base or choose a new output directory"
+            )
         old["train"] = {k: v for k, v in old["train"].items() if k != "steps"}
         new["train"] = {k: v for k, v in new["train"].items() if k != "steps"}
         diff = config_differences(old, new)

@@ -9,7 +9,10 @@ Design choices:
   block (the hooks are removed in `finally`, even when the forward raises), so the tensors are
   exactly those the model's own forward computed and the model code carries no analysis hooks.
   The forward runs under `no_grad` in eval mode (the caller's mode is restored afterwards) and
-  asks for no logits: nothing of size (B, T, V) is built.
+  asks for no logits: nothing of size (B, T, V) is built. A Hugging Face base run
+  (`engram.hf.lm.HFCausalLM`) is read the same way: its decoder layers return the hidden
+  states (not a tuple), and `embedding_output` names the module after which the stream starts
+  (GPT-2: after its position embeddings are added).
 - With hyper-connections (M > 1) a block's output is (B, T, M, D); it is reduced by summing the
   branches, exactly as the model does before its final norm. The embedding is copied to the M
   branches, so its entry is M * embedding, the same sum: every entry is what the final norm
@@ -63,12 +66,14 @@ def block_outputs(
         captured[0] = out.detach() * M if M > 1 else out.detach()  # (B, T, D)
 
     def block_hook(index: int) -> Any:
-        def hook(_m: nn.Module, _inp: Any, out: tuple[Tensor, Tensor]) -> None:
-            captured[index] = _sum_branches(out[0].detach(), M)  # (B, T, D)
+        def hook(_m: nn.Module, _inp: Any, out: Tensor | tuple[Tensor, ...]) -> None:
+            h = out[0] if isinstance(out, tuple) else out  # a Hugging Face layer: the tensor
+            captured[index] = _sum_branches(h.detach(), M)  # (B, T, D)
 
         return hook
 
-    handles = [model.tok_emb.register_forward_hook(embedding_hook)]
+    embedding = getattr(model, "embedding_output", model.tok_emb)
+    handles = [embedding.register_forward_hook(embedding_hook)]
     handles += [b.register_forward_hook(block_hook(i + 1)) for i, b in enumerate(model.blocks)]
     was_training = model.training
     model.eval()

@@ -16,13 +16,16 @@ Design choices:
 Commands (one module per group):
 - ``run``: ``engram demo`` (MoE baseline vs its iso-parameter Engram model and that model's
   no-information control), ``engram train`` (``--nproc N`` or torchrun: sharded tables),
-  ``engram eval``, ``engram generate`` (tables in RAM or on disk).
+  ``engram eval``, ``engram generate`` (tables in RAM or on disk); ``engram train --base PATH``
+  trains a Hugging Face causal LM with (or without) Engram attached.
 - ``model``: ``engram info`` (the memory's figures), ``engram rows TEXT`` (rows per token),
   ``engram plan`` (the expert/table allocation that matches an MoE's params and FLOPs).
 - ``experiments``: ``engram sweep`` (loss against rho and table size), ``engram ablate`` (an
   Engram run's controls over seeds, in-domain and on a second text).
 - ``analyze``: ``engram analyze gates|sensitivity|lens|cka|memory|access``.
 - ``table``: ``engram table export|inspect``.
+- ``base``: ``engram base init|export|info`` (Hugging Face model directories for
+  ``engram train --base``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from engram.cli import analyze, experiments, model, run, table
+from engram.cli import analyze, base, experiments, model, run, table
 from engram.cli.common import OPTIONAL, CLIError, Parser, check_files
 from engram.parallel.context import DistributedError
 from engram.version import __version__
@@ -47,6 +50,7 @@ def build_parser() -> Parser:
     analyze.add_parsers(sub)
     table.add_parsers(sub)
     model.add_parsers(sub)
+    base.add_parsers(sub)
     return p
 
 

@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 OPTIONAL = {
     "pyarrow": "pip install 'engram-lm[parquet]' (or pyarrow)",
     "matplotlib": "pip install matplotlib",
+    "transformers": "pip install 'engram-lm[hf]' (transformers, for Hugging Face base models)",
 }
 MAX_SEED = 2**63 - 1
 _UTF8_CHUNK = 1 << 20
@@ -341,12 +342,47 @@ def run_config(args: argparse.Namespace, default_preset: str | None = None):  # 
 
     if getattr(args, "preset", None) and getattr(args, "config", None):
         raise CLIError("give either --preset or --config, not both")
+    base_flags = [f for f, v in _base_flags(args).items() if v]
+    if not getattr(args, "base", None) and base_flags:
+        raise CLIError(
+            f"{base_flags[0]} applies to a run with --base PATH (with a preset or config use "
+            "--set engram.layer_ids=[...] / --set engram=null)"
+        )
+    overrides = _overrides(args)
+    if getattr(args, "base", None):
+        if getattr(args, "preset", None) or getattr(args, "config", None):
+            raise CLIError(
+                "give --base or --preset/--config, not both (a base run's config.json names its "
+                "base: continue or copy it with --config alone)"
+            )
+        from engram.hf.base import base_run_config
+
+        return base_run_config(
+            args.base, engram=not args.no_engram, layers=args.layers, table_size=args.table_size,
+            train_base=not args.freeze_base, overrides=overrides,
+        )  # fmt: skip
     if getattr(args, "config", None):
         cfg = RunConfig.load(args.config)
     elif getattr(args, "preset", None) or default_preset:
         cfg = preset(args.preset or default_preset)
     else:
-        raise CLIError("give --preset NAME or --config FILE (see `engram train --help`)")
+        base = " (or --base PATH, a Hugging Face model)" if hasattr(args, "base") else ""
+        raise CLIError(f"give --preset NAME or --config FILE{base} (see `engram train --help`)")
+    return apply_overrides(cfg, overrides)
+
+
+def _base_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that only a --base run takes, and their values."""
+    return {
+        "--freeze-base": getattr(args, "freeze_base", False),
+        "--no-engram": getattr(args, "no_engram", False),
+        "--layers": getattr(args, "layers", None) if hasattr(args, "base") else None,
+        "--table-size": getattr(args, "table_size", None) if hasattr(args, "base") else None,
+    }
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """--set, then --data, --steps and --lr as overrides."""
     overrides = list(getattr(args, "set", None) or [])
     if getattr(args, "data", None):
         overrides.append(f"data.source={json.dumps(str(args.data))}")
@@ -354,7 +390,7 @@ def run_config(args: argparse.Namespace, default_preset: str | None = None):  # 
         overrides.append(f"train.steps={args.steps}")
     if getattr(args, "lr", None) is not None:
         overrides.append(f"optim.lr={args.lr!r}")
-    return apply_overrides(cfg, overrides)
+    return overrides
 
 
 def print_err(line: str) -> None:

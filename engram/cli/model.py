@@ -107,6 +107,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from engram.presets import engram_template, plan_for
 
     base = run_config(args, default_preset="demo-moe")
+    if base.base is not None:
+        raise CLIError(
+            f"{base.name!r} trains a Hugging Face base model ({base.base.path!r}); `engram plan` "
+            "splits engram's own MoE backbone between experts and tables"
+        )
     _, plan = plan_for(base, args.rho, template=engram_template(args.layers or (1,)))
     if args.json:
         print(json.dumps(plan.to_dict(), indent=1))

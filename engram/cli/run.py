@@ -17,6 +17,7 @@ from engram.cli.common import (
     add_no_progress,
     add_run_source,
     finite_float,
+    layer_ids,
     none_to_none,
     nonneg_int,
     positive_int,
@@ -57,12 +58,19 @@ def _flat(d: dict, prefix: str = "") -> dict[str, object]:
 
 def check_resume(cfg, out: str, resume: bool) -> None:
     """Refuse to resume a run of another configuration, naming the keys that differ."""
-    from engram.run_config import RunConfig
+    from engram.run_config import RunConfig, base_difference
 
     run = Path(out)
     if not resume or not (run / "config.json").is_file() or not any(run.glob("checkpoints/*")):
         return
-    before, now = _flat(RunConfig.load(run / "config.json").to_dict()), _flat(cfg.to_dict())
+    saved = RunConfig.load(run / "config.json").to_dict()
+    other_base = base_difference(saved, cfg.to_dict())
+    if other_base is not None:
+        raise CLIError(
+            f"--out {out} holds a run that cannot continue with this config: {other_base}; "
+            "resume it from the same base or choose a new --out"
+        )
+    before, now = _flat(saved), _flat(cfg.to_dict())
     keys = sorted(k for k in before.keys() | now.keys()
                   if k != "train.steps" and before.get(k) != now.get(k))  # fmt: skip
     if keys:
@@ -90,6 +98,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     require("matplotlib", "`engram train` (its loss.png)")
     cfg = run_config(args)
+    if cfg.base is not None:  # its fingerprint, before comparing with a run to resume
+        from engram.hf.base import resolve_base
+
+        require("transformers", "`engram train` with a base model")
+        cfg = resolve_base(cfg)
     check_resume(cfg, args.out, not args.no_resume)
     worker = dist_context.launched_by_torchrun()
     if args.nproc is not None and not worker:
@@ -113,6 +126,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         + f"{result.tokens_per_s:,.0f} tokens/s"
     )  # fmt: skip
     print(f"params: total {c.total:,}, active {c.active:,}, table {c.table:,}")
+    if cfg.base is not None:
+        b = cfg.base
+        arch = ((b.hf_config or {}).get("architectures") or ["?"])[0]
+        what = "trained with Engram" if cfg.engram is not None else "trained alone"
+        print(f"base: {b.path} ({arch}, {what if b.train_base else 'frozen: only Engram trained'})")
     print(f"run directory: {result.out_dir} (config.json, metrics.jsonl, checkpoints/, loss.png)")
 
 
@@ -245,6 +263,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--lr", type=finite_float(0.0, lo_open=True),
                    help="peak learning rate of the dense weights (optim.lr)")  # fmt: skip
     t.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
+    b = t.add_argument_group(
+        "a Hugging Face model as the backbone (instead of --preset/--config; pip install "
+        "'engram-lm[hf]')"
+    )
+    b.add_argument("--base", type=utf8_text, metavar="PATH",
+                   help="a local model directory (Llama, Mistral, Qwen2/3, GPT-2; config.json, "
+                   "weights, tokenizer.json): Engram is attached to it and both train")  # fmt: skip
+    b.add_argument("--freeze-base", action="store_true",
+                   help="keep the base's weights frozen: only Engram trains (adapter mode)")  # fmt: skip
+    b.add_argument("--no-engram", action="store_true",
+                   help="train the base alone (pretrain or fine-tune a plain model)")  # fmt: skip
+    b.add_argument("--layers", type=layer_ids,
+                   help="0-based Engram layer ids (default: 1 and n/2, within the model)")  # fmt: skip
+    b.add_argument("--table-size", type=positive_int,
+                   help="target rows per Engram sub-table (default 20000)")  # fmt: skip
     add_no_progress(t, "no progress bar")
     t.add_argument(
         "--nproc", type=positive_int,
