@@ -70,7 +70,7 @@ from engram.store.cache import CachedRowStore
 from engram.store.memory import MemoryRowStore
 from engram.store.mmap import MmapRowStore
 from engram.store.prefetch import Prefetcher, PrefetchingStore
-from engram.store.tablefile import TableFileError, read_header, write_table
+from engram.store.tablefile import DTYPE_CODES, TableFileError, read_header, write_table
 from engram.store.tables import read_tables, table_file_name
 from engram.version import __version__
 
@@ -277,6 +277,8 @@ def save_engram(
     recorded and `load_engram` demands the same base. `table_dtype`: float32 (exact), bfloat16,
     float16 or int8 table files. Returns the directory.
     """
+    if table_dtype not in DTYPE_CODES:
+        raise ValueError(f"table_dtype must be one of {list(DTYPE_CODES)}, got {table_dtype!r}")
     att = get_attachment(model)
     wrapped = sorted({n.rsplit(".", 2)[0] for n, _ in att.named_parameters() if _is_adapter(n)})
     if wrapped or any(".base_layer." in n for n, _ in att.named_parameters()):
@@ -328,7 +330,11 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
         old = final.parent / f".{final.name}.old"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)  # put the previous save back
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
@@ -408,7 +414,10 @@ def _write_lora(tmp: Path, model: nn.Module, meta: dict[str, str]) -> dict[str, 
     adapter = getattr(model, "active_adapter", "default")
     if not isinstance(adapter, str):
         raise ValueError(f"save_engram saves one peft adapter; this model has active {adapter}")
-    state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    # save_embedding_layers=False: a resized embedding is part of the base (its fingerprint),
+    # and peft's "auto" may look the base up on the Hub
+    raw = get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False)
+    state = {k: v.detach().contiguous().cpu() for k, v in raw.items()}
     save_file(state, str(tmp / LORA_FILE), metadata=meta)
     config = model.peft_config[adapter].to_dict()  # type: ignore[index, operator]
     (tmp / LORA_CONFIG_FILE).write_text(
