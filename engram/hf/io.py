@@ -64,7 +64,6 @@ from engram.atomic import default_mode, fsync_dir
 from engram.compress import TokenizerCompressor, tokenizer_fingerprint
 from engram.config import EngramConfig
 from engram.hf.attach import ATTACHMENT, EngramAttachment, add_engram, get_attachment
-from engram.serving import WILLNEED_MAX, TierConfig
 from engram.store.base import RowStore
 from engram.store.cache import CachedRowStore
 from engram.store.memory import MemoryRowStore
@@ -91,6 +90,9 @@ ARCH_FIELDS = (
 )
 SAMPLE_VALUES = 1024  # values per parameter in the base fingerprint (the embedding: all)
 _CHUNK_ROWS = 65536
+# Rows per request advised to the kernel up front, as `engram.serving.WILLNEED_MAX` (not imported:
+# engram.serving sits above engram.train, which imports engram.hf).
+WILLNEED_MAX = 4096
 SERVING_ATTR = "serving"  # `model.engram.serving`: the tier stack of a tables="mmap" load
 
 
@@ -575,23 +577,20 @@ def _ram_stores(
 
 
 def _mmap_stores(
-    d: Path, files: Mapping[int, Path], fingerprint: str, tier: TierConfig, device: torch.device
-) -> tuple[dict[int, RowStore], Prefetcher | None]:
+    d: Path, files: Mapping[int, Path], fingerprint: str, *, cache_rows: int, prefetch: bool,
+    verify: bool, device: torch.device,
+) -> tuple[dict[int, RowStore], Prefetcher | None]:  # fmt: skip
     """The tier stack of `engram.serving.load_served`, per layer: mmap -> cache -> prefetch."""
-    prefetcher = Prefetcher(max_pending=2 * len(files)) if tier.prefetch else None
+    prefetcher = Prefetcher(max_pending=2 * len(files)) if prefetch else None
     stores: dict[int, RowStore] = {}
     try:
         for lid, f in files.items():
             store: RowStore = MmapRowStore(
-                f, expected_fingerprint=fingerprint, verify=tier.verify, check_bounds=False,
-                willneed_max=WILLNEED_MAX if tier.willneed else 0,
+                f, expected_fingerprint=fingerprint, verify=verify, check_bounds=False,
+                willneed_max=WILLNEED_MAX,
             )  # fmt: skip
-            if tier.cache_rows or tier.cache_bytes:
-                store = CachedRowStore(
-                    store, capacity_rows=tier.cache_rows or None,
-                    capacity_bytes=tier.cache_bytes or None, policy=tier.cache_policy,
-                    check_bounds=False,
-                )  # fmt: skip
+            if cache_rows:
+                store = CachedRowStore(store, capacity_rows=cache_rows, check_bounds=False)
             if prefetcher is not None:
                 on_gpu = device if device.type == "cuda" else None
                 store = PrefetchingStore(store, prefetcher, device=on_gpu)
@@ -704,6 +703,8 @@ def load_engram(
     d = Path(directory)
     if tables not in ("ram", "mmap"):
         raise ValueError(f"tables must be 'ram' or 'mmap', got {tables!r}")
+    if isinstance(cache_rows, bool) or not isinstance(cache_rows, int) or cache_rows < 0:
+        raise ValueError(f"cache_rows must be an int >= 0, got {cache_rows!r}")
     if tables == "ram" and (cache_rows or prefetch):
         raise ValueError("cache_rows and prefetch apply to tables='mmap' only")
     if _is_peft(model):
@@ -729,8 +730,10 @@ def load_engram(
     if tables == "ram":
         stores = _ram_stores(d, files, fingerprint, table_std)
     else:
-        tier = TierConfig(store="mmap", cache_rows=cache_rows, prefetch=prefetch, verify=verify)
-        stores, prefetcher = _mmap_stores(d, files, fingerprint, tier, emb.device)
+        stores, prefetcher = _mmap_stores(
+            d, files, fingerprint, cache_rows=cache_rows, prefetch=prefetch, verify=verify,
+            device=emb.device,
+        )  # fmt: skip
         serving = EngramServing(stores, dict(files), prefetcher)
     try:
         compressor = TokenizerCompressor.from_tokenizer(tokenizer)
