@@ -280,6 +280,12 @@ def base_run_config(
     engram_cfg = None
     if engram:
         ids = tuple(layers) if layers else default_layer_ids(info.n_layers)
+        bad = [i for i in ids if not 0 <= i < info.n_layers]
+        if bad:
+            raise BaseModelError(
+                f"Engram layer ids {bad} are outside {info.architecture}'s {info.n_layers} decoder "
+                f"layers (0..{info.n_layers - 1})"
+            )
         size = DEFAULT_TABLE_SIZE if table_size is None else int(table_size)
         engram_cfg = replace(engram_template(ids), engram_vocab_size=(size, size))
     elif layers or table_size:
@@ -295,11 +301,25 @@ def base_run_config(
         data=DataConfig(tokenizer=str(path), seq_len=seq_len),
     )
     cfg = apply_overrides(cfg, list(overrides))
+    tokenizer = data_tokenizer(cfg.data)
+    check_tokenizer_fits(info, tokenizer, cfg.data.tokenizer)
     keys = {o.split("=", 1)[0].strip() for o in overrides}
     if cfg.engram is not None and not keys & {"engram.pad_id", "pad_id"}:
-        eot = separator_id(data_tokenizer(cfg.data))
-        cfg = replace(cfg, engram=replace(cfg.engram, pad_id=eot))
+        cfg = replace(cfg, engram=replace(cfg.engram, pad_id=separator_id(tokenizer)))
     return cfg
+
+
+def check_tokenizer_fits(info: BaseInfo, tokenizer: Any, spec: str) -> None:
+    """Refuse a tokenizer with more ids than the base's config says its embedding has."""
+    from engram.compress import tokenizer_vocab_size
+
+    n = tokenizer_vocab_size(tokenizer)
+    if n > info.vocab_size:
+        raise BaseModelError(
+            f"the tokenizer (data.tokenizer={spec!r}) has {n:,} ids but the base model "
+            f"{info.architecture} at {str(info.path)!r} embeds {info.vocab_size:,}: it is not "
+            "this model's tokenizer"
+        )
 
 
 # ------------------------------------------------------------------------- model directories
