@@ -219,6 +219,31 @@ def test_adapter_mode_leaves_the_base_bit_identical(base, corpus, tmp_path):
     assert value.abs().max() > 0  # Engram trained (its value projection starts at zero)
 
 
+def test_tables_trained_on_disk_match_tables_in_ram(base, corpus, tmp_path):
+    cfg = _cfg(base, corpus, "train.steps=3", "train.eval_every=0", "train.ckpt_every=0")
+    train(cfg, tmp_path / "ram", progress=False)
+    disk = apply_overrides(cfg, ["train.table_store=mmap"])
+    train(disk, tmp_path / "disk", progress=False)
+    assert _records(tmp_path / "ram") == _records(tmp_path / "disk")
+    assert read_checkpoint(tmp_path / "disk").state["tables"]  # table files, not the model file
+    a, _ = load_trained(tmp_path / "ram")
+    b, _ = load_trained(tmp_path / "disk")  # served read-only from the checkpoint's files
+    x = torch.tensor([a.tokenizer.encode("And the LORD spake unto Moses").ids])
+    rows = torch.as_tensor(a.indexer.rows(x.numpy()))
+    with torch.no_grad():
+        assert torch.equal(a.model(x, rows).logits, b.model(x, rows).logits)
+
+
+def test_a_bfloat16_frozen_base_trains_engram_in_float32(base, corpus, tmp_path):
+    cfg = _cfg(base, corpus, "train.steps=2", "train.eval_every=0", "base.dtype=bfloat16",
+               train_base=False)  # fmt: skip
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result.val_loss is not None and np.isfinite(result.val_loss)
+    parts, _ = load_trained(tmp_path / "run")
+    assert parts.model.tok_emb.weight.dtype == torch.bfloat16
+    assert parts.model.engram_layers()[1].value_proj.weight.dtype == torch.float32
+
+
 def test_a_changed_base_is_refused_before_anything_is_written(base, corpus, tmp_path):
     mine = tmp_path / "base"
     shutil.copytree(base, mine)
