@@ -30,13 +30,8 @@ from engram.data.sources import iter_grouped_documents
 from engram.export import export_tables, read_tables
 from engram.generate import generate
 from engram.hf import UnsupportedModelError, load_engram
-from engram.hf.base import (
-    BaseModelError,
-    base_run_config,
-    export_base,
-    init_base,
-    read_base,
-)
+from engram.hf.base import BaseModelError, base_run_config, init_base, read_base
+from engram.hf.export import export_base
 from engram.hf.lm import HFCausalLM
 from engram.run import train
 from engram.run_config import ConfigError, RunConfig, apply_overrides

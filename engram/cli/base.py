@@ -35,7 +35,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from engram.hf.base import export_base
+    from engram.hf.export import export_base
 
     require("transformers", "`engram base export`")
     done = export_base(args.ckpt, args.out)

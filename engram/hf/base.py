@@ -20,9 +20,9 @@ Design choices:
   presets' (orders 2-3, 4 heads x 8 dims per order) at layers 1 and n/2 (clamped to the model),
   its pad id the tokenizer's end-of-document id; or no Engram (the base trains alone).
 - `init_base` writes a random-init model directory (one of the supported families, with a
-  tokenizer), the first step of pretraining a plain model; `export_base` turns a finished base
-  run back into a model directory for the next `--base` (its Engram, if any, in the
-  subdirectory `engram/` in `engram.hf.io`'s format, which `from_pretrained` ignores).
+  tokenizer), the first step of pretraining a plain model (`engram.hf.export.export_base`
+  turns a finished run back into one). This module sits below the trainer: `engram.train`
+  builds base runs through `engram.hf.lm`, which reads bases through here.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ from engram.run_config import BaseConfig, ConfigError, RunConfig
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
-ENGRAM_SUBDIR = "engram"  # where `export_base` puts a run's Engram (engram.hf.io's format)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # Config fields save_pretrained rewrites without changing the model (left out of the fingerprint).
@@ -214,7 +213,7 @@ def resolve_base(cfg: RunConfig) -> RunConfig:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """No progress bars or info logs from `transformers` inside the block."""
     from transformers.utils import logging as hf_logging
 
@@ -240,7 +239,7 @@ def load_base_model(info: BaseInfo, dtype: str = "float32") -> nn.Module:
             f"'engram-lm[hf]' ({e})",
             name="transformers",
         ) from e
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             return AutoModelForCausalLM.from_pretrained(
                 str(info.path), local_files_only=True, dtype=DTYPES[dtype]
@@ -326,14 +325,15 @@ def check_tokenizer_fits(info: BaseInfo, tokenizer: Any, spec: str) -> None:
 GATED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def _check_new_dir(out: Path) -> None:
+def check_new_dir(out: Path) -> None:
+    """Refuse an `--out` that exists and is not an empty directory (nothing is overwritten)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BaseModelError(
             f"--out {str(out)!r} already exists and is not an empty directory; choose a new one"
         )
 
 
-def _commit_dir(tmp: Path, out: Path) -> None:
+def commit_dir(tmp: Path, out: Path) -> None:
     """Move a finished directory into place (an empty `out` is replaced)."""
     if out.is_dir():
         out.rmdir()
@@ -377,7 +377,7 @@ def init_base(
     if heads % kv:
         raise BaseModelError(f"--heads {heads} must be a multiple of --kv-heads {kv}")
     target = Path(out).expanduser()
-    _check_new_dir(target)
+    check_new_dir(target)
     tok = data_tokenizer(DataConfig(source=data, tokenizer=tokenizer))
     vocab, eot = tokenizer_vocab_size(tok), separator_id(tok)
     special = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
@@ -405,75 +405,13 @@ def init_base(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        with torch.random.fork_rng(devices=[]), _quiet_transformers():
+        with torch.random.fork_rng(devices=[]), quiet_transformers():
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             model.save_pretrained(str(tmp))
         tok.save(str(tmp / TOKENIZER_FILE))
-        _commit_dir(tmp, target)
+        commit_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-@dataclass(frozen=True)
-class ExportedBase:
-    """What `export_base` wrote."""
-
-    path: Path
-    architecture: str
-    step: int
-    trained_base: bool  # False: an adapter run's frozen base (a copy of the original)
-    engram: Path | None  # Engram's save directory (engram.hf.io), None for a run without one
-
-
-def export_base(ckpt_path: str | os.PathLike[str], out: str | os.PathLike[str]) -> ExportedBase:
-    """Write a base run's model (its trained base, without Engram) and tokenizer as a model
-    directory usable as the next `--base`; a run with Engram also gets its Engram layers in
-    `out/engram` (`engram.hf.io.save_engram`: `load_engram(base, out / "engram", tokenizer)`
-    attaches them to the exported base)."""
-    from engram.checkpoint import read_checkpoint
-    from engram.train import load_trained
-
-    target = Path(out).expanduser()
-    _check_new_dir(target)
-    ckpt = read_checkpoint(ckpt_path, verify=False)
-    if not ckpt.config.get("base"):
-        raise BaseModelError(
-            f"{ckpt.path} is a run of engram's own model (no base section): only a run trained "
-            "with --base exports as a Hugging Face model directory"
-        )
-    parts, ckpt = load_trained(ckpt_path)
-    model = parts.model
-    hf = model.hf
-    engram_prefix = "engram."
-    state = {k: v for k, v in hf.state_dict().items() if not k.startswith(engram_prefix)}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    engram_dir = None
-    try:
-        with _quiet_transformers():
-            hf.save_pretrained(str(tmp), state_dict=state)
-        parts.tokenizer.save(str(tmp / TOKENIZER_FILE))
-        if model.attachment is not None:
-            engram_dir = _save_engram(hf, parts.tokenizer, tmp / ENGRAM_SUBDIR)
-        _commit_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ExportedBase(
-        path=target,
-        architecture=type(hf).__name__,
-        step=ckpt.step,
-        trained_base=bool(parts.cfg.base.train_base),
-        engram=None if engram_dir is None else target / ENGRAM_SUBDIR,
-    )
-
-
-def _save_engram(hf: nn.Module, tokenizer: Any, where: Path) -> Path:
-    """Engram's weights through `engram.hf.io.save_engram`; the base beside it is the one
-    they belong to, so its weights are not saved again."""
-    from engram.hf.io import save_engram
-
-    return save_engram(hf, where, tokenizer=tokenizer, base_weights=False)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,11 @@ from engram.hf.families import find_backbone
 from engram.layer import Engram
 from engram.model.loss import linear_cross_entropy
 from engram.model.transformer import LMOutput, ParamCounts
+
+if TYPE_CHECKING:
+    from engram.compress import TokenizerCompressor
+    from engram.run_config import RunConfig
+    from engram.store.base import RowStore
 
 # The final norm's attribute on the backbone, per family (the module the LM head reads).
 FINAL_NORM = {"llama": "norm", "mistral": "norm", "qwen2": "norm", "qwen3": "norm", "gpt2": "ln_f"}
@@ -187,10 +192,6 @@ class HFCausalLM(nn.Module):
         """Every trainable parameter that is not a table, each once."""
         table_ids = {id(p) for p in self.table_parameters()}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in table_ids]
-
-    def trainable_dense_params(self) -> int:
-        """Non-table values that train (adapter mode: Engram's projections, norms and conv)."""
-        return sum(p.numel() for p in self.dense_parameters())
 
     def update_router_biases(self) -> None:
         """Nothing to update: no MoE router."""
@@ -346,11 +347,11 @@ def _load_post_hook(module: nn.Module, incompatible: Any) -> None:
 
 # ------------------------------------------------------------------------------- building
 def build_hf_model(
-    run_cfg: Any,
+    run_cfg: RunConfig,
     tokenizer: Any,
-    compressor: Any,
+    compressor: TokenizerCompressor,
     eot_id: int,
-    stores: Mapping[int, Any] | None = None,
+    stores: Mapping[int, RowStore] | None = None,
     hash_fingerprint: str | None = None,
 ) -> HFCausalLM:
     """The `HFCausalLM` of a run config with a `base` section (see `engram.train.build_run`).
@@ -360,6 +361,7 @@ def build_hf_model(
     Engram when the run has an engram section (document separator and pad = the tokenizer's
     end-of-document id, `stores` serving tables from elsewhere) and freezes the base in adapter
     mode. Seeded by `train.seed` (Engram's projections), without touching the global RNG.
+    `hash_fingerprint` (the run indexer's) is checked against the attached Engram's hashing.
     """
     from engram.compress import tokenizer_vocab_size
     from engram.hf.base import check_base, load_base_model
