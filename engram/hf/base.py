@@ -322,9 +322,6 @@ def check_tokenizer_fits(info: BaseInfo, tokenizer: Any, spec: str) -> None:
 
 
 # ------------------------------------------------------------------------- model directories
-GATED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-
-
 def check_new_dir(out: Path) -> None:
     """Refuse an `--out` that exists and is not an empty directory (nothing is overwritten)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
