@@ -17,7 +17,8 @@ Design choices:
   bit-identical to the base model's.
 - Ids become rows exactly as in the built-in pipeline: the model's tokenizer's
   `TokenizerCompressor`, then `NgramHasher` (reference-exact). A new document starts after the
-  end-of-document id (the model's `eos_token_id`) and at the first live position after padding,
+  end-of-document id (the model's `eos_token_id`; compared after compression, as
+  `NgramIndexer` does, so any id that compresses to it ends a document too) and at the first live position after padding,
   so left and right padding give each sequence the rows it has alone. Ids the model knows but
   the tokenizer does not (an embedding padded past the vocabulary) read as the pad id.
 - Decoding state lives on the KV cache object (`cache.engram_state`), so it has the cache's
@@ -167,19 +168,24 @@ class EngramAttachment(nn.Module):
             live_np = np.ones((B, T), bool) if live is None else live.cpu().numpy().astype(bool)
             prev_raw = np.full(B, -1, np.int64) if state is None else state.last_raw
             prev_live = np.ones(B, bool) if state is None else state.last_live
-            before_raw = np.concatenate([prev_raw[:, None], raw[:, :-1]], axis=1)  # (B, T)
+            comp = self._compress(raw)  # (B, T)
+            prev = self._compress(prev_raw[:, None])  # -1 (no previous id) passes through
+            before = np.concatenate([prev, comp[:, :-1]], axis=1)  # (B, T)
             before_live = np.concatenate([prev_live[:, None], live_np[:, :-1]], axis=1)
             reset = live_np & ~before_live
-            if self.sep_id is not None:
-                reset |= before_raw == self.sep_id
-            known = (raw >= 0) & (raw < self.compressor.vocab_size)
-            comp = self.compressor.compress(np.where(known, raw, self.cfg.pad_id))
+            if self.sep_id is not None:  # compared compressed, as NgramIndexer does
+                reset |= before == self.compressor.compress_id(self.sep_id)
             stream = self.hasher.stream(B) if state is None else state.stream
             out = stream(comp, reset=reset)
             if state is not None:
                 state.last_raw = raw[:, -1].copy()
                 state.last_live = live_np[:, -1].copy()
         return torch.from_numpy(np.ascontiguousarray(out))
+
+    def _compress(self, raw: np.ndarray) -> np.ndarray:
+        """Compressed ids; ids past the tokenizer read as the pad id, negatives pass through."""
+        unknown = raw >= self.compressor.vocab_size
+        return np.asarray(self.compressor.compress(np.where(unknown, self.cfg.pad_id, raw)))
 
     def new_state(self, batch_size: int, like: Tensor) -> EngramDecodeState:
         conv = {
