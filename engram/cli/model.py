@@ -125,7 +125,7 @@ def _memory_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--table-size", type=positive_int,
                     help="target rows per sub-table (default 20000)")  # fmt: skip
     sp.add_argument("--tokenizer", type=utf8_text,
-                    help="gpt2 (default), bpe:N or a tokenizer.json path")  # fmt: skip
+                    help="gpt2 (default), bpe:N, a tokenizer.json or a Hugging Face model directory")  # fmt: skip
     add_data(sp, "the corpus a bpe:N tokenizer trains on (default builtin:kjv)")
 
 
