@@ -252,3 +252,22 @@ def test_version(capsys):
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"engram {__version__} (engram-lm)"
+
+
+def test_tokenizer_flag_sets_the_runs_tokenizer(tmp_path, capsys):
+    """`--tokenizer` (a tokenizer.json, a model directory, bpe:N) is data.tokenizer for train
+    and sweep; a path that holds no tokenizer is one line, exit 2, nothing written."""
+    from engram.cli.common import run_config
+
+    for command in ("train", "sweep"):
+        args = build_parser().parse_args(
+            [command, "--preset", "tiny-engram", "--tokenizer", str(tmp_path), "--out", "o"]
+        )
+        assert run_config(args).data.tokenizer == str(tmp_path)
+    out = tmp_path / "r"
+    argv = ["train", "--preset", "tiny-engram", "--tokenizer", str(tmp_path / "none"),
+            "--out", str(out), "--steps", "1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tokenizer" in err, err
+    assert not (out / "config.json").exists()

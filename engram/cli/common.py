@@ -327,6 +327,13 @@ def add_data(sp: argparse.ArgumentParser, help_: str) -> None:
     sp.add_argument("--data", type=utf8_text, help=help_)
 
 
+def add_tokenizer(sp: argparse.ArgumentParser) -> None:
+    """--tokenizer, as the override data.tokenizer (for the commands that build runs)."""
+    sp.add_argument("--tokenizer", type=utf8_text,
+                    help="gpt2, bpe:N (trained on the run's training split), a tokenizer.json "
+                    "or a Hugging Face model directory (data.tokenizer)")  # fmt: skip
+
+
 def add_json(sp: argparse.ArgumentParser, help_: str = "print the result as JSON") -> None:
     sp.add_argument("--json", action="store_true", help=help_)
 
@@ -382,10 +389,12 @@ def _base_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    """--set, then --data, --steps and --lr as overrides."""
+    """--set, then --data, --tokenizer, --steps and --lr as overrides."""
     overrides = list(getattr(args, "set", None) or [])
     if getattr(args, "data", None):
         overrides.append(f"data.source={json.dumps(str(args.data))}")
+    if getattr(args, "tokenizer", None):
+        overrides.append(f"data.tokenizer={json.dumps(str(args.tokenizer))}")
     if getattr(args, "steps", None) is not None:
         overrides.append(f"train.steps={args.steps}")
     if getattr(args, "lr", None) is not None:

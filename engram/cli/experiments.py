@@ -11,6 +11,7 @@ from engram.cli.common import (
     add_json,
     add_no_progress,
     add_run_source,
+    add_tokenizer,
     fraction,
     layer_ids,
     none_to_none,
@@ -95,6 +96,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     add_run_source(sw)
     add_data(sw, "builtin[:kjv,web,...], or a .txt/.jsonl/.parquet file or dir")
+    add_tokenizer(sw)
     sw.add_argument("--out", default="engram-sweep", help="sweep directory (resumed)")
     sw.add_argument("--steps", type=positive_int, help="optimizer steps per run (train.steps)")
     sw.add_argument("--rhos", type=rho_list,

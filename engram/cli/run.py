@@ -16,6 +16,7 @@ from engram.cli.common import (
     add_json,
     add_no_progress,
     add_run_source,
+    add_tokenizer,
     finite_float,
     layer_ids,
     none_to_none,
@@ -258,6 +259,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a model", description=f"presets: {', '.join(PRESETS)}")
     add_run_source(t)
     add_data(t, "builtin[:kjv,web,...], or a .txt/.jsonl/.parquet file or dir")
+    add_tokenizer(t)
     t.add_argument("--out", required=True, help="run directory (resumed if it holds a run)")
     t.add_argument("--steps", type=positive_int, help="total optimizer steps (train.steps)")
     t.add_argument("--lr", type=finite_float(0.0, lo_open=True),
