@@ -127,6 +127,7 @@ def _without(monkeypatch, missing: str) -> None:
         ("matplotlib", ["analyze", "gates", "--ckpt", "run"], "`engram analyze gates`"),
         ("matplotlib", [*SWEEP], "`engram sweep` (its plots)"),
         ("matplotlib", [*TRAIN], "`engram train` (its loss.png)"),
+        ("transformers", ["train", "--base", ".", "--out", "run"], "transformers"),
     ],
 )
 def test_a_missing_optional_package_is_one_line(missing, argv, phrase, files, monkeypatch, capsys):

@@ -98,6 +98,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from engram.run import train
 
     require("matplotlib", "`engram train` (its loss.png)")
+    if getattr(args, "base", None):
+        require("transformers", "`engram train` with a base model")
     cfg = run_config(args)
     if cfg.base is not None:  # its fingerprint, before comparing with a run to resume
         from engram.hf.base import resolve_base
