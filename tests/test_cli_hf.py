@@ -77,7 +77,11 @@ def test_base_info_and_the_run_directory(here, capsys):
         p.name for p in run.iterdir()
     }
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["base"]["path"] == "base" and cfg["base"]["train_base"] and cfg["model"] is None
+    assert (
+        cfg["base"]["path"] == str(Path("base").resolve())
+        and cfg["base"]["train_base"]
+        and cfg["model"] is None
+    )
     assert cfg["engram"]["layer_ids"] == [1] and cfg["engram"]["engram_vocab_size"] == [300, 300]
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [
         1, 2, 3,

@@ -292,12 +292,14 @@ def base_run_config(
             "--layers and --table-size size Engram layers; drop them with --no-engram"
         )
     seq_len = min(DEFAULT_SEQ_LEN, info.max_positions or DEFAULT_SEQ_LEN)
-    name = Path(path).expanduser().resolve().name or "base"
+    # Absolute, so the run's config.json reads the same base from any working directory.
+    where = Path(path).expanduser().resolve()
+    name = where.name or "base"
     cfg = RunConfig(
         name=f"{name}-engram" if engram else name,
-        base=BaseConfig(path=str(path), train_base=train_base),
+        base=BaseConfig(path=str(where), train_base=train_base),
         engram=engram_cfg,
-        data=DataConfig(tokenizer=str(path), seq_len=seq_len),
+        data=DataConfig(tokenizer=str(where), seq_len=seq_len),
     )
     cfg = apply_overrides(cfg, list(overrides))
     tokenizer = data_tokenizer(cfg.data)
