@@ -59,11 +59,13 @@ done | xargs -P "$JOBS" -L 1 bash -c '
         --steps '"$STEPS"' --set train.seed="$seed" --set train.threads='"$THREADS"' \
         '"${COMMON[*]}"' > "runs/$arm-s$seed.log" 2>&1 && echo "done $arm seed $seed"'
 
-# Validation loss on the held-out KJV chapters and on a translation never trained on (BBE).
+# Validation loss on the held-out KJV chapters (each run's final evaluation, over the whole
+# validation split, in its metrics.jsonl) and on a translation never trained on (BBE).
 for run in runs/pretrain runs/*-s[0-9]; do
-    for data in builtin:kjv builtin:bbe; do
-        printf '%s\t%s\t' "$run" "$data"
-        engram eval --ckpt "$run" --data "$data" --json
-    done
+    printf '%s\tbuiltin:kjv\t%s\n' "$run" "$(tail -1 "$run/metrics.jsonl")"
 done > evals.tsv
+for run in runs/pretrain runs/*-s[0-9]; do echo "$run"; done | xargs -P "$JOBS" -L 1 bash -c \
+    'printf "%s\tbuiltin:bbe\t%s\n" "$0" "$(engram eval --ckpt "$0" --data builtin:bbe --json)"' \
+    >> evals.tsv
 echo "wrote $W/evals.tsv"
+python "$(dirname "$(readlink -f "$0")")/hf_continue_report.py" evals.tsv
