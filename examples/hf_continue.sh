@@ -26,9 +26,11 @@ COMMON=(--data builtin:kjv --no-progress --set data.batch_size=8 --set train.eva
 
 [[ -d bases/tiny ]] || engram base init --family llama --hidden 128 --layers 4 --heads 4 \
     --tokenizer gpt2 --out bases/tiny
-engram train --base bases/tiny --no-engram --out runs/pretrain --steps "$PRE_STEPS" \
-    "${COMMON[@]}" --set train.threads="$(nproc)"
-[[ -d bases/pretrained ]] || engram base export --ckpt runs/pretrain --out bases/pretrained
+if [[ ! -d bases/pretrained ]]; then
+    engram train --base bases/tiny --no-engram --out runs/pretrain --steps "$PRE_STEPS" \
+        "${COMMON[@]}" --set train.threads="$(nproc)"
+    engram base export --ckpt runs/pretrain --out bases/pretrained
+fi
 
 arm_flags() {
     case $1 in
