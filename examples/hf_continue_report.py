@@ -52,7 +52,10 @@ def main(path: str) -> None:
         if not seeds:
             continue
         for t in texts:
-            vals = loss[(arm, t)]
+            vals = loss.get((arm, t), {})
+            if any(s not in vals for s in seeds):
+                cells.append("- | ")
+                continue
             cell = fmt([vals[s] for s in seeds])
             ctrl = PAIRS.get(arm)
             diff = ""
