@@ -38,8 +38,8 @@ they are hashed, as `engram.generate` does before block 0. A third model reads t
 through a bare `MmapRowStore` (no cache, no prefetch), for information. All run `model.generate`
 on the same left-padded prompts, greedy, KV cache on, `--new-tokens` new tokens (eos suppressed
 by `min_new_tokens`), in an order that rotates every round; tokens/s = batch * new tokens / wall
-time of the `generate` call (prefill included); medians over rounds. The outputs are checked token
-for token every round. The table files are warm in the page cache (just written); cold reads are
+time of the `generate` call (prefill included); medians over rounds. Every round checks the
+tokens AND every decoding step's logits (`output_scores`) for bit equality across the three. The table files are warm in the page cache (just written); cold reads are
 `bench_store.py`'s topic. Load averages are printed at start and end: the machine is shared.
 """
 
@@ -400,7 +400,8 @@ def generate(args: argparse.Namespace) -> None:
     x, mask = left_pad(tok, PROMPTS[: args.gen_batch])
     gen_kw = dict(
         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-        use_cache=True, pad_token_id=SEP, eos_token_id=SEP,
+        use_cache=True, pad_token_id=SEP, eos_token_id=SEP, output_scores=True,
+        return_dict_in_generate=True,
     )  # fmt: skip
 
     # Engram must matter for the identity check to mean anything: logits with and without it.
@@ -448,12 +449,14 @@ def generate(args: argparse.Namespace) -> None:
             f"greedy, KV cache, {args.rounds} rounds, order rotating each round"
         )
 
-        def run(model: nn.Module) -> tuple[float, Tensor, float]:
+        def run(model: nn.Module) -> tuple[float, tuple[Tensor, Tensor], float]:
+            """(seconds, (tokens (B, P + new), every step's logits (new, B, V)), others' share)."""
             others = Others()
             t0 = time.perf_counter()
             with torch.no_grad():
                 out = model.generate(x, attention_mask=mask, **gen_kw)
-            return time.perf_counter() - t0, out, others.share()
+            dt = time.perf_counter() - t0
+            return dt, (out.sequences, torch.stack(out.scores)), others.share()
 
         for m in models.values():
             run(m)  # warm-up (allocations, first page touches of the file)
@@ -467,15 +470,17 @@ def generate(args: argparse.Namespace) -> None:
                 dt, outs[name], other = run(models[name])
                 speed[name].append(ntok / dt)
                 busy[name].append(other)
-            assert outs["ram"].shape[1] == x.shape[1] + args.new_tokens
-            same = all(torch.equal(outs["ram"], o) for o in outs.values())
+            assert outs["ram"][0].shape[1] == x.shape[1] + args.new_tokens
+            same = all(torch.equal(outs["ram"][0], o[0]) for o in outs.values())
+            same_logits = all(torch.equal(outs["ram"][1], o[1]) for o in outs.values())
             print(
                 f"  round {r}: "
                 + ", ".join(f"{k} {v[-1]:6.1f}" for k, v in speed.items())
                 + f" tok/s; disk/RAM {speed['disk'][-1] / speed['ram'][-1]:.3f}; others used "
-                f"{max(b[-1] for b in busy.values()):.0%} of the CPU; outputs identical: {same}"
+                f"{max(b[-1] for b in busy.values()):.0%} of the CPU; tokens identical: {same}, "
+                f"logits bit-identical: {same_logits}"
             )
-            assert same, "RAM and disk outputs differ"
+            assert same and same_logits, "RAM and disk outputs differ"
         quiet = [r for r in range(args.rounds) if all(b[r] < QUIET for b in busy.values())]
         use = quiet if len(quiet) >= 3 else list(range(args.rounds))
         print(
@@ -486,10 +491,13 @@ def generate(args: argparse.Namespace) -> None:
         for name, m in med.items():
             pair = [speed[name][r] / speed["ram"][r] for r in use]
             print(
-                f"  {name:10s} median {m:7.1f} tok/s  vs RAM {m / med['ram']:.3f} "
-                f"({1 - m / med['ram']:+.1%} slower; per-round ratios {min(pair):.3f}-{max(pair):.3f})"
+                f"  {name:10s} median {m:7.1f} tok/s  vs RAM {m / med['ram']:.3f}x "
+                f"(per-round ratios {min(pair):.3f}-{max(pair):.3f})"
             )
-        print(f"all {args.rounds} rounds token-for-token identical across the three")
+        print(
+            f"all {args.rounds} rounds: tokens identical and every step's logits bit-identical "
+            "across the three"
+        )
         for lid, st in tiers["disk"].items():
             p = st.stats.as_dict()  # type: ignore[attr-defined]
             inner = st.inner  # type: ignore[attr-defined]
