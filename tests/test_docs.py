@@ -55,6 +55,7 @@ def run_example(source: str, name: str, capsys: pytest.CaptureFixture[str]) -> N
 )
 def test_docs_example_runs(page, index, source, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # files an example writes land in its own directory
     run_example(source, f"{rel(page)}[python block {index}]", capsys)
 
 
