@@ -33,6 +33,7 @@ from engram.store.base import RowStore
 from engram.store.cache import CachedRowStore
 from engram.store.mmap import MmapRowStore
 from engram.store.prefetch import Prefetcher, PrefetchingStore
+from engram.store.stack import close_stack, stack_stats
 from engram.store.tablefile import DTYPE_CODES
 from engram.store.tables import table_file_name
 from engram.train import RunParts, load_trained
@@ -99,30 +100,12 @@ class ServedModel:
     prefetcher: Prefetcher | None = None
 
     def stats(self) -> dict[str, Any]:
-        """Per layer: cache and prefetch statistics of its store stack (json-able)."""
-        out: dict[str, Any] = {}
-        for lid, store in self.stores.items():
-            rec: dict[str, Any] = {}
-            s: Any = store
-            while s is not None:
-                if isinstance(s, PrefetchingStore):
-                    rec["prefetch"] = s.stats.as_dict()
-                elif isinstance(s, CachedRowStore):
-                    rec["cache"] = s.stats().to_dict()
-                s = getattr(s, "inner", None)
-            out[str(lid)] = rec
-        return out
+        """Per layer: the hot-row cache's and the prefetcher's statistics (JSON-able)."""
+        return stack_stats(self.stores)
 
     def close(self) -> None:
         """Stop the prefetch thread and close the table files (idempotent)."""
-        if self.prefetcher is not None:
-            self.prefetcher.close()
-        for store in self.stores.values():
-            s: Any = store
-            while s is not None:
-                if isinstance(s, MmapRowStore):
-                    s.close()
-                s = getattr(s, "inner", None)
+        close_stack(self.stores, self.prefetcher)
 
     def __enter__(self) -> ServedModel:
         return self

@@ -69,6 +69,7 @@ from engram.store.cache import CachedRowStore
 from engram.store.memory import MemoryRowStore
 from engram.store.mmap import MmapRowStore
 from engram.store.prefetch import Prefetcher, PrefetchingStore
+from engram.store.stack import close_stack, stack_stats
 from engram.store.tablefile import DTYPE_CODES, TableFileError, read_header, write_table
 from engram.store.tables import read_tables, table_file_name
 from engram.version import __version__
@@ -439,27 +440,11 @@ class EngramServing:
 
     def stats(self) -> dict[str, Any]:
         """Per layer: the hot-row cache's and the prefetcher's statistics (JSON-able)."""
-        out: dict[str, Any] = {}
-        for lid, store in self.stores.items():
-            rec: dict[str, Any] = {}
-            s: Any = store
-            while s is not None:
-                if isinstance(s, PrefetchingStore):
-                    rec["prefetch"] = s.stats.as_dict()
-                elif isinstance(s, CachedRowStore):
-                    rec["cache"] = s.stats().to_dict()
-                s = getattr(s, "inner", None)
-            out[str(lid)] = rec
-        return out
+        return stack_stats(self.stores)
 
     def close(self) -> None:
         """Stop the prefetch thread and close the table files (idempotent)."""
-        if self.prefetcher is not None:
-            self.prefetcher.close()
-        for store in self.stores.values():
-            inner = _innermost(store)
-            if isinstance(inner, MmapRowStore):
-                inner.close()
+        close_stack(self.stores, self.prefetcher)
 
 
 def close_engram(model: nn.Module) -> None:

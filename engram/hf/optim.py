@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from engram.hf.attach import EngramAttachment, get_attachment
-from engram.optim import EngramOptimizer, OptimConfig, build_optimizer
+from engram.optim import EngramOptimizer, OptimConfig, _unique, build_optimizer
 
 MODES = ("adapter", "lora", "full")
 # A peft `exclude_modules` pattern (re.fullmatch on module names) for the Engram attachment.
@@ -128,16 +128,6 @@ def prepare_training(model: nn.Module, mode: str, *, lora: Any = None) -> nn.Mod
 
 
 # ----------------------------------------------------------------------- custom-loop optimizer
-def _unique(params: Iterator[nn.Parameter]) -> list[nn.Parameter]:
-    seen: set[int] = set()
-    out = []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
-
-
 class _TrainableView:
     """What `engram.optim.build_optimizer` reads of a model, restricted to trainable params."""
 
