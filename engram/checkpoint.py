@@ -4,12 +4,19 @@ Layout of one checkpoint directory (``<run>/checkpoints/step-000300/``)::
 
     model.safetensors      model state (tables included; a tied weight stored once)
     optimizer.safetensors  every optimizer-state tensor, keyed ``<optimizer>/<index>/<name>``
-    tables/                only for tables trained on disk: ``L<id>.{weight,exp_avg,exp_avg_sq}
-                           .engt`` table files (their own checksums), not in model.safetensors
+    tables/                only for tables trained on disk (not in model.safetensors): per layer
+                           a chain (`engram.store.tablechain`): a base of three table files
+                           (``L<id>.{weight,exp_avg,exp_avg_sq}.engt`` in the checkpoint that
+                           wrote it, ``L<id>.base.<part>.engt`` hard links in later ones) then
+                           ``L<id>.delta-NNNN.engd`` files (rows written since the previous
+                           checkpoint), listed in ``L<id>.chain.json``; each with its own crc
     state.json             format version, step, the run config, hash-configuration fingerprint,
-                           optimizer param-group settings, RNG states, sha256 of both files
+                           optimizer param-group settings, RNG states, sha256 of the files,
+                           per disk table its chain and what this checkpoint wrote for it
 
-and ``<run>/checkpoints/LATEST`` names the newest complete one.
+``<run>/checkpoints/LATEST`` names the newest complete one, and ``checkpoints.jsonl`` there gets
+one line per committed checkpoint: its step, seconds and bytes written (model, optimizer, each
+disk table: kind, rows and bytes).
 
 Design choices:
 - Atomic: a checkpoint is written into a hidden temporary directory beside its final name, every
@@ -20,6 +27,10 @@ Design choices:
 - The hash configuration's fingerprint is stored; a checkpoint whose tables were addressed by a
   different hashing (other seed, primes, tokenizer compression...) is refused before any weight is
   touched, because its rows would silently mean different n-grams.
+- Tables trained on disk are checkpointed incrementally (see `engram.store.trainable`): the
+  store is told (`mark_committed`) only after the rename, so a failed checkpoint's rows go into
+  the next one. A reader that needs a table as one file (serving, export, evaluation) gets it
+  from `table_file`, which writes the chain's result beside it on first use.
 - Optimizer state is flattened into named tensors (safetensors holds tensors only); the
   non-tensor rest (param-group hyper-parameters) goes into the json. Loading rebuilds the
   ``state_dict`` that ``torch.optim.Optimizer.load_state_dict`` expects.
@@ -34,6 +45,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 LATEST = "LATEST"
+CHECKPOINT_LOG = "checkpoints.jsonl"
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
@@ -216,6 +229,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     tmp = staging if staging is not None else staging_dir(root, step)
+    t0 = time.perf_counter()
     try:
         save_model(model, str(tmp / MODEL_FILE))
         files = [MODEL_FILE]
@@ -226,7 +240,10 @@ def save_checkpoint(
             files.append(OPTIM_FILE)
         full = dict(state)
         if tables:
+            from engram.store.tablechain import manifest_file
+
             full["tables"] = {str(lid): t.save(tmp / TABLES_DIR) for lid, t in tables.items()}
+            files += [f"{TABLES_DIR}/{manifest_file(int(lid))}" for lid in tables]
         full.update(
             format_version=FORMAT_VERSION,
             step=int(step),
@@ -245,6 +262,8 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        for t in (tables or {}).values():  # their next save builds on this checkpoint
+            t.mark_committed(final / TABLES_DIR)
     except OSError as e:  # a full disk, a read-only or vanished directory...
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write checkpoint {final}: {_cause(e)}") from e
@@ -255,12 +274,38 @@ def save_checkpoint(
         atomic_write_text(root / LATEST, final.name + "\n")
     except OSError as e:  # the checkpoint is complete; LATEST still names the previous one
         raise CheckpointError(f"cannot write checkpoint {root / LATEST}: {_cause(e)}") from e
+    _log_checkpoint(root, final, full, time.perf_counter() - t0)
     if keep > 0:
         steps = sorted(p for p in root.glob("step-*") if p.is_dir())
         for p in steps[:-keep]:
             if p != final:
                 shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def _log_checkpoint(root: Path, final: Path, state: Mapping[str, Any], seconds: float) -> None:
+    """One line in ``checkpoints.jsonl`` (and the log) on what checkpoint `final` wrote."""
+    sizes = {
+        f: (final / f).stat().st_size for f in (MODEL_FILE, OPTIM_FILE) if (final / f).is_file()
+    }
+    tables = {lid: rec.get("checkpoint", {}) for lid, rec in state.get("tables", {}).items()}
+    total = sum(sizes.values()) + sum(int(t.get("bytes_written", 0)) for t in tables.values())
+    line = {
+        "step": int(state["step"]), "checkpoint": final.name, "seconds": round(seconds, 6),
+        "bytes_written": total, "files": sizes, "tables": tables,
+    }  # fmt: skip
+    logger.info(
+        "engram: checkpoint %s: %d bytes in %.3f s%s", final.name, total, seconds,
+        "".join(
+            f"; table L{lid} {t.get('kind')} {t.get('rows_written')} rows "
+            f"{t.get('bytes_written')} bytes" for lid, t in tables.items()
+        ),
+    )  # fmt: skip
+    try:
+        with open(root / CHECKPOINT_LOG, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+    except OSError as e:  # the checkpoint itself is committed; the report is best effort
+        logger.warning("engram: warning: cannot append to %s: %s", root / CHECKPOINT_LOG, _cause(e))
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
@@ -345,14 +390,21 @@ def read_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Checkp
             f"{ckpt} has checkpoint format version {version!r}; this engram reads {FORMAT_VERSION}"
         )
     if verify:
+        from engram.store.tablechain import check_chain
         from engram.store.tablefile import TableFileError, verify_table
 
+        fingerprint = state.get("hash_fingerprint")
         for record in state.get("tables", {}).values():
-            for name in record["files"].values():
-                try:
-                    verify_table(ckpt / TABLES_DIR / name)
-                except (OSError, TableFileError) as e:
-                    raise CheckpointError(f"checkpoint table file is damaged: {e}") from e
+            try:
+                if "chain" in record:
+                    check_chain(
+                        ckpt / TABLES_DIR, record["chain"], expected_fingerprint=fingerprint
+                    )
+                else:  # the full-copy format: three complete files
+                    for name in record["files"].values():
+                        verify_table(ckpt / TABLES_DIR / name)
+            except (OSError, TableFileError) as e:
+                raise CheckpointError(f"checkpoint table file is damaged: {e}") from e
         for name, digest in state.get("sha256", {}).items():
             f = ckpt / name
             if not f.is_file():
@@ -363,6 +415,47 @@ def read_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Checkp
                     f"one recorded in {STATE_FILE})"
                 )
     return Checkpoint(ckpt, state)
+
+
+def table_file(ckpt: Checkpoint, layer_id: int, part: str = "weight") -> Path:
+    """One complete table file of layer `layer_id`'s disk-trained table in checkpoint `ckpt`.
+
+    A checkpoint holding a full base returns its file; one holding a delta chain writes the
+    chain's result as ``tables/L<id>.<part>.engt`` on first use (atomically; later calls find
+    it) and returns that. `part` is weight, exp_avg or exp_avg_sq.
+    """
+    from engram.store.tablechain import PARTS, materialise, part_file
+    from engram.store.tablefile import TableFileError, read_header
+
+    record = ckpt.state.get("tables", {}).get(str(layer_id))
+    if record is None:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} has no table trained on disk for layer {layer_id} "
+            f"(it has {sorted(ckpt.state.get('tables', {}))})"
+        )
+    if part not in PARTS:
+        raise ValueError(f"unknown table part {part!r}; expected one of {PARTS}")
+    tables = ckpt.path / TABLES_DIR
+    chain = record.get("chain")
+    if chain is None:
+        return tables / record["files"][part]
+    if len(chain) == 1:
+        return tables / chain[0]["files"][part]
+    path = tables / part_file(int(layer_id), part)
+    fingerprint = ckpt.state.get("hash_fingerprint")
+    try:
+        if path.is_file():
+            read_header(path, expected_fingerprint=fingerprint)
+            return path
+        materialise(tables, chain, part, path, expected_fingerprint=fingerprint)
+    except TableFileError as e:
+        raise CheckpointError(f"checkpoint table of layer {layer_id} is damaged: {e}") from e
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write {path} (the table checkpoint {ckpt.path} holds as a base plus "
+            f"{len(chain) - 1} delta file(s)): {_cause(e)}"
+        ) from e
+    return path
 
 
 def check_fingerprint(ckpt: Checkpoint, expected: str | None) -> None:

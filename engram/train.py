@@ -56,7 +56,6 @@ from tqdm.auto import tqdm
 
 from engram.atomic import atomic_write_text
 from engram.checkpoint import (
-    TABLES_DIR,
     Checkpoint,
     assembled_tables,
     check_fingerprint,
@@ -65,6 +64,7 @@ from engram.checkpoint import (
     read_checkpoint,
     remove_stale_temporaries,
     set_rng_state,
+    table_file,
 )
 from engram.compress import TokenizerCompressor
 from engram.data import BatchLoader, DataSplits, prepare_data
@@ -265,7 +265,7 @@ def checkpoint_table_stores(ckpt: Checkpoint) -> dict[int, RowStore]:
     fp = ckpt.state.get("hash_fingerprint")
     return {
         int(lid): MmapRowStore(
-            ckpt.path / TABLES_DIR / rec["files"]["weight"],
+            table_file(ckpt, int(lid)),
             expected_fingerprint=fp,
             check_bounds=False,
         )
