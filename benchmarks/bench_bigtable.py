@@ -1,17 +1,28 @@
-"""A table larger than RAM serving generation: tokens/s, resident memory and cache hit rate.
+"""A table larger than RAM serving generation: RAM vs mmap vs the row reader, side by side.
 
     python benchmarks/bench_bigtable.py [--size-gib 32] [--path /work/bigtable] [--tokens 64]
+    python benchmarks/bench_bigtable.py --size-gib 2 --rounds 4     # a quick development run
 
 Builds the demo Engram model's architecture with its Engram layer's sub-tables scaled up until
-the table is `--size-gib` GiB (float32 rows of 16 values; the hashing addresses the whole range),
-writes that table to a `.engt` file chunk by chunk (reused on later runs), and serves it through
-the disk tier (mmap + hot-row cache + background prefetch) to generate text. The yardstick, in the
-same process and on the same prompts, is the same architecture with the demo's small table in RAM:
-the two differ only in where the rows come from. The weights are untrained (random): speed and
-memory do not depend on them.
+the table is `--size-gib` GiB (float32 rows; the hashing addresses the whole range), writes that
+table to a `.engt` file chunk by chunk (reused on later runs), and serves it through the disk tier
+(reader + hot-row cache + background prefetch) with each reader in `--readers`: "mmap"
+(`MmapRowStore`, the kernel pages rows in) and "pread" (`PreadRowStore`, exactly the requested
+rows). The yardstick, in the same process and on the same prompts, is the same architecture with
+the demo's small table in RAM: they differ only in where the rows come from. Weights are untrained
+(random): speed and memory do not depend on them. The two disk models share their weights and must
+produce the same tokens (asserted): the readers return the same bits.
 
-Resident memory is read from /proc/self/status (VmRSS = RssAnon + RssFile + RssShmem): mapped
-table pages that were touched count as RssFile, and the kernel may drop them at any time.
+Rounds: 4 prompts x `--tokens` new tokens each, the models taking turns in a rotating order.
+- round 0, cold: the table file's pages are dropped from the page cache (POSIX_FADV_DONTNEED)
+  before each disk model's run, and its row cache is empty;
+- rounds 1..R-1, "new text": new prompts and seed every round, so most rows of a 537M-row table
+  were never read before (they come from the disk: what serving new traffic costs);
+- then the same prompts again ("repeat", warm): every row is in the page cache or the row cache.
+Decode tokens/s per model, medians, disk/RAM ratios; per reader: bytes read from storage per row
+served (/proc/self/io read_bytes, and the reader's own counters), the hidden-read fraction (share
+of row-read time that overlapped compute), the hot-row cache's hit rate; resident memory
+(VmRSS = RssAnon + RssFile: mapped table pages count as RssFile, pread's page-cache pages do not).
 """
 
 from __future__ import annotations
@@ -19,18 +30,21 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import platform
 import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from prompts import PROMPTS  # benchmarks/prompts.py: four per round, new text every round
 
 from engram.generate import generate
 from engram.presets import demo_engram
-from engram.serving import WILLNEED_MAX
-from engram.store import CachedRowStore, MmapRowStore, Prefetcher, PrefetchingStore, write_table
+from engram.serving import TierConfig, open_table
+from engram.store import CachedRowStore, Prefetcher, PrefetchingStore, write_table
+from engram.store.pread import proc_read_bytes
 from engram.train import build_run
 
 
@@ -44,16 +58,44 @@ def rss() -> dict[str, float]:
     return out
 
 
+def cpu() -> str:
+    model, flags = platform.processor() or "?", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("?", "x86_64", ""):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                have = set(line.split(":", 1)[1].split())
+                flags = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512bw") if f in have)
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} CPUs, flags: {flags or '?'}"
+
+
+def drop_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size-gib", type=float, default=32.0)
     p.add_argument("--path", default="/work/bigtable")
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--cache-rows", type=int, default=200_000)
+    p.add_argument("--rounds", type=int, default=6, help="cold round + new-text rounds")
+    p.add_argument("--repeat-rounds", type=int, default=3, help="warm rounds on round 1's text")
+    p.add_argument("--cache-rows", type=int, default=200_000, help="hot-row cache (0 = none)")
+    p.add_argument("--readers", default="mmap,pread", help="comma-separated: mmap, pread")
+    p.add_argument("--pread-threads", type=int, default=0)
+    p.add_argument("--direct", action="store_true", help="pread with O_DIRECT")
+    p.add_argument("--prefill-chunk", type=int, default=16, help="prefill chunk (all models)")
     p.add_argument("--write-only", action="store_true", help="write the table file and stop")
     args = p.parse_args()
     torch.set_num_threads(1)
+    readers = [r.strip() for r in args.readers.split(",") if r.strip()]
 
     small = demo_engram()
     assert small.engram is not None
@@ -70,9 +112,8 @@ def main() -> None:
         ),
     )
     (lid,) = big.engram.layer_ids  # the demo has one Engram layer
-    print(
-        f"machine RAM: {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB"
-    )
+    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    print(f"cpu: {cpu()}; torch {torch.__version__}, 1 thread; machine RAM {ram_gib:.1f} GiB")
     print(f"start: {rss()}")
 
     # The indexer (and so the fingerprint and sub-table sizes) without building the big model.
@@ -85,6 +126,7 @@ def main() -> None:
     fp = indexer.hasher.fingerprint()
     path = Path(args.path) / f"table_L{lid}_{num_rows}.engt"
     if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
         gen = torch.Generator().manual_seed(0)
         print(f"writing {path}: {num_rows:,} rows x {dh} ({num_rows * dh * 4 / 2**30:.1f} GiB)")
         t0 = time.perf_counter()
@@ -95,60 +137,145 @@ def main() -> None:
         )  # fmt: skip
         print(f"  written in {time.perf_counter() - t0:.0f} s")
     size = path.stat().st_size
-    print(f"table file: {size / 2**30:.2f} GiB on disk, {num_rows:,} rows")
+    row_bytes = dh * 4
+    print(
+        f"table file: {path} ({path.parent} on {os.statvfs(path.parent).f_bsize}-byte blocks), "
+        f"{size / 2**30:.2f} GiB, {num_rows:,} rows x {row_bytes} B; table/RAM = "
+        f"{size / 2**30 / ram_gib:.2f}"
+    )
+    print(
+        f"config: 4 prompts x {args.tokens} tokens, sampled (T 0.8, top-k 40), prefill chunk "
+        f"{args.prefill_chunk}, row cache {args.cache_rows:,} rows, prefetch on, readers {readers}"
+        f" (pread threads {args.pread_threads}, direct {args.direct})"
+    )
     if args.write_only:
         return
-    fd = os.open(path, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # start with a cold page cache
-    os.close(fd)
 
-    prefetcher = Prefetcher(max_pending=2)
-    mm = MmapRowStore(path, expected_fingerprint=fp, check_bounds=False, willneed_max=WILLNEED_MAX)
-    cache = CachedRowStore(mm, capacity_rows=args.cache_rows, check_bounds=False)
-    stack = PrefetchingStore(cache, prefetcher)
+    prefetcher = Prefetcher(max_pending=4)
+    models: dict[str, Any] = {"ram": ref}
+    tops: dict[str, PrefetchingStore] = {}
+    caches: dict[str, CachedRowStore | None] = {}
+    inners: dict[str, Any] = {}
     before_model = rss()
-    disk = build_run(big, tokenizer=ref.tokenizer, stores={lid: stack})
-    disk.model.eval()
-    print(f"big model built (table never allocated): {rss()}")
-    ref.model.eval()
+    for r in readers:
+        tier = TierConfig(
+            store="mmap", reader=r, reader_threads=args.pread_threads if r == "pread" else 0,
+            direct=args.direct and r == "pread",
+        )  # fmt: skip
+        inner = open_table(path, tier, fp)
+        store: Any = inner
+        cache = None
+        if args.cache_rows:
+            store = cache = CachedRowStore(inner, capacity_rows=args.cache_rows, check_bounds=False)
+        top = PrefetchingStore(store, prefetcher)
+        torch.manual_seed(0)
+        models[r] = build_run(big, tokenizer=ref.tokenizer, stores={lid: top})
+        tops[r], caches[r], inners[r] = top, cache, inner
+    print(f"big models built (table never allocated): {rss()}")
+    for m in models.values():
+        m.model.eval()
+    io_bytes = dict.fromkeys(readers, 0)
+    hidden: dict[str, list[float]] = {r: [] for r in readers}
+    reads: dict[str, list[float]] = {r: [] for r in readers}
 
-    def run(parts, i: int) -> float:
-        texts = [PROMPTS[(4 * i + j) % len(PROMPTS)] for j in range(4)]
+    def run(name: str, i: int, text_round: int) -> float:
+        parts = models[name]
+        texts = [PROMPTS[(4 * text_round + j) % len(PROMPTS)] for j in range(4)]
+        b0 = proc_read_bytes() or 0
         res = generate(
             parts.model, [ref.tokenizer.encode(t).ids for t in texts], indexer=parts.indexer,
-            max_new_tokens=args.tokens, temperature=0.8, top_k=40, seed=i,
+            max_new_tokens=args.tokens, temperature=0.8, top_k=40, seed=text_round,
+            prefill_chunk=args.prefill_chunk,
         )  # fmt: skip
+        if name != "ram":
+            io_bytes[name] += (proc_read_bytes() or 0) - b0
+            dec = res.stats["rows"]["decode"]
+            hidden[name].append(dec["hidden_fraction"])
+            reads[name].append(dec["read_s"] / max(res.steps, 1) * 1e3)
+        run.tokens[name] = res.tokens  # type: ignore[attr-defined]
         return res.tokens_per_s
 
-    r_ram, r_disk = [], []
-    for i in range(args.rounds):
-        r_ram.append(run(ref, i))
-        gc.collect()
-        r_disk.append(run(disk, i))
-        print(f"round {i}: RAM-table {r_ram[-1]:.1f} tok/s, {size / 2**30:.0f} GiB disk table "
-              f"{r_disk[-1]:.1f} tok/s, cache hit rate {cache.stats().hit_rate:.1%}, rss {rss()}")  # fmt: skip
-    ra, rd = statistics.median(r_ram[1:]), statistics.median(r_disk[1:])
-    st = cache.stats()
+    run.tokens = {}  # type: ignore[attr-defined]
+    names = ["ram", *readers]
+    tps: dict[str, list[float]] = {n: [] for n in names}
+    kinds: list[str] = []
+    total = args.rounds + args.repeat_rounds
+    for i in range(total):
+        kind = "cold" if i == 0 else ("new text" if i < args.rounds else "repeat")
+        text_round = i if i < args.rounds else 1
+        order = names[i % len(names) :] + names[: i % len(names)]
+        for n in order:
+            if i == 0 and n != "ram":
+                drop_cache(path)
+            gc.collect()
+            tps[n].append(run(n, i, text_round))
+        if len(readers) > 1:
+            first = run.tokens[readers[0]]  # type: ignore[attr-defined]
+            for r in readers[1:]:
+                assert run.tokens[r] == first, f"round {i}: {r} and {readers[0]} disagree"  # type: ignore[attr-defined]
+        kinds.append(kind)
+        line = ", ".join(f"{n} {tps[n][-1]:.1f}" for n in names)
+        print(f"round {i} ({kind}): tok/s {line}; rss {rss()}", flush=True)
+
+    def med(n: str, kind: str) -> float:
+        return statistics.median(v for v, k in zip(tps[n], kinds, strict=True) if k == kind)
+
+    print("\ndecode tokens/s (4 sequences), disk model vs the RAM model in the same rounds:")
+    for kind in ("cold", "new text", "repeat"):
+        if kind not in kinds:
+            continue
+        ra = med("ram", kind)
+        parts_ = [f"RAM {ra:.1f}"]
+        for r in readers:
+            rd = med(r, kind)
+            parts_.append(f"{r} {rd:.1f} ({rd / ra:.3f}x, {(1 - rd / ra) * 100:+.1f}% slower)")
+        per_round = {
+            r: [f"{d / a:.3f}" for d, a, k in zip(tps[r], tps["ram"], kinds, strict=True) if k == kind]
+            for r in readers
+        }  # fmt: skip
+        print(f"  {kind:8s}: " + "; ".join(parts_) + f"; per-round ratios {per_round}")
+    print("\nper reader (all rounds):")
+    for r in readers:
+        top, cache, inner = tops[r], caches[r], inners[r]
+        st = inner.stats()
+        served = st.rows_served
+        line = (
+            f"  {r}: rows served by the reader {served:,} (cache misses), "
+            f"/proc/self/io read_bytes {io_bytes[r] / 2**20:.1f} MiB = "
+            f"{io_bytes[r] / max(served, 1):.0f} B per row served ({row_bytes} B rows)"
+        )
+        if r == "pread":
+            line += (
+                f"; own counters: {st.rows_read:,} distinct rows read, {st.reads:,} reads "
+                f"({st.cached_reads:,} from the page cache), {st.bytes_read / 2**20:.2f} MiB = "
+                f"{st.bytes_per_row_served:.0f} B per row served"
+            )
+        print(line)
+        pst = top.stats
+        print(
+            f"     read time {st.read_time_s:.2f} s in the reader; prefetch: "
+            f"{pst.prefetched_hits} gathers served, read {pst.read_time_s:.2f} s, blocked "
+            f"{pst.exposed_time_s:.2f} s, hidden {pst.hidden_fraction:.1%}; decode per round: "
+            f"hidden {[f'{h:.0%}' for h in hidden[r]]}, read ms/step "
+            f"{[f'{x:.2f}' for x in reads[r]]}"
+        )
+        if cache is not None:
+            cs = cache.stats()
+            print(
+                f"     row cache {cs.capacity:,} rows ({cache.memory_bytes() / 2**20:.1f} MiB): "
+                f"hit rate {cs.hit_rate:.1%} over {cs.lookups:,} lookups"
+            )
     after = rss()
-    model_mib = sum(p.numel() * p.element_size() for p in disk.model.parameters()) / 2**20
+    model_mib = sum(q.numel() * q.element_size() for q in models[readers[0]].model.parameters())
     print(
-        f"\nround 0 (cold page cache, empty row cache): {r_disk[0]:.1f} vs {r_ram[0]:.1f} tok/s"
-        f" ({(1 - r_disk[0] / r_ram[0]) * 100:+.1f}%)"
-        f"\nmedian of later rounds (new text each round): small RAM table {ra:.1f} tok/s, {size / 2**30:.1f} GiB table on disk "
-        f"{rd:.1f} tok/s ({(1 - rd / ra) * 100:+.1f}% slower)"
-    )
-    print(
-        f"row cache: {st.capacity:,} rows ({cache.memory_bytes() / 2**20:.1f} MiB), "
-        f"hit rate {st.hit_rate:.1%} over {st.lookups:,} row reads, {st.misses:,} misses"
-    )
-    print(f"prefetch: {stack.stats.as_dict()}")
-    print(
-        f"resident: {after['VmRSS']:.0f} MiB (anon {after['RssAnon']:.0f}, file {after['RssFile']:.0f})"
-        f", peak {after['VmHWM']:.0f} MiB; before the model {before_model['VmRSS']:.0f} MiB; "
-        f"dense model params {model_mib:.1f} MiB; table {size / 2**20:.0f} MiB"
+        f"\nresident: {after['VmRSS']:.0f} MiB (anon {after['RssAnon']:.0f}, file "
+        f"{after['RssFile']:.0f}), peak {after['VmHWM']:.0f} MiB; before the disk models "
+        f"{before_model['VmRSS']:.0f} MiB; dense params per model {model_mib / 2**20:.1f} MiB; "
+        f"table {size / 2**20:.0f} MiB"
     )
     prefetcher.close()
-    mm.close()
+    for inner in inners.values():
+        inner.close()
 
 
 if __name__ == "__main__":

@@ -16,8 +16,14 @@ Design choices:
 - Prefetch: a row address depends on the tokens alone, so once a step's tokens are known every
   Engram layer's rows are requested (`Engram.prefetch`) before block 0 runs; a store that can
   prefetch (`engram.store.PrefetchingStore`) fetches a deep layer's rows while the blocks below
-  it compute, and the next prefill chunk's rows while the current chunk computes. Other stores
-  ignore the request.
+  it compute, and the next prefill chunk's rows while the current chunk computes (give
+  `prefill_chunk`; the chunking is the caller's choice, never the store's, so a RAM and a disk
+  model given the same arguments compute the same bits). In a decode step the just-sampled
+  token is hashed and its rows requested before anything else (the logits copy, the per-sequence
+  bookkeeping, the embedding), so the reads have the longest head start possible.
+- Overlap is measured, not assumed: `GenerationResult.stats["rows"]` has, for prefill and for
+  decoding, the seconds spent reading rows (prefetch worker + synchronous reads), the seconds the
+  model thread was blocked on them, and the hidden fraction 1 - blocked / read.
 - Sampling: temperature 0 is greedy; otherwise softmax(logits / temperature), optionally
   restricted to the top k and/or to the smallest set of likeliest tokens whose probability
   reaches top p (nucleus), drawn with a seeded generator (same seed, same text, on CPU).
@@ -141,6 +147,34 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def _read_clock(model: EngramLM) -> tuple[float, float]:
+    """(seconds reading rows, seconds the caller was blocked on rows), summed over the Engram
+    layers' stores: a prefetching store's clocks, else a bare reader's (all of it blocking)."""
+    read = blocked = 0.0
+    for layer in model.engram_layers().values():
+        s: Any = getattr(layer, "store", None)
+        while s is not None:
+            st = getattr(s, "stats", None)
+            if hasattr(st, "exposed_time_s"):  # PrefetchingStore
+                read += st.read_time_s
+                blocked += st.exposed_time_s
+                break
+            if callable(st):
+                t = getattr(st(), "read_time_s", None)
+                if t is not None:  # a reader without prefetch: every read blocks
+                    read += t
+                    blocked += t
+                    break
+            s = getattr(s, "inner", None)
+    return read, blocked
+
+
+def _overlap(before: tuple[float, float], after: tuple[float, float]) -> dict[str, float]:
+    read, blocked = after[0] - before[0], after[1] - before[1]
+    hidden = max(0.0, 1.0 - blocked / read) if read > 0 else 0.0
+    return {"read_s": read, "blocked_s": blocked, "hidden_fraction": hidden}
+
+
 def _prefetch(model: EngramLM, rows: Tensor | None, mask: Tensor | None) -> None:
     if rows is None:
         return
@@ -262,21 +296,23 @@ def _decode(
     done = np.zeros(B, dtype=bool)
     steps = 0
     for step in range(max_new_tokens):
-        if logits_out is not None:
-            logits_out.append(last.detach().clone())
         nxt = sample_next(
             last, sampling.temperature, sampling.top_k, sampling.generator, sampling.top_p
         )  # (B,)
         ids = nxt.cpu().numpy()
+        more = step < max_new_tokens - 1
+        if more:  # the next step's row reads go out first (a stop at eos wastes one read)
+            raw_step = ids.reshape(B, 1).astype(np.int64)
+            rows = None if rowstream is None else rowstream(raw_step)  # (L, B, 1, H)
+            _prefetch(model, rows, None)
+        if logits_out is not None:
+            logits_out.append(last.detach().clone())
         for b in range(B):
             if not done[b]:
                 new[b].append(int(ids[b]))
                 done[b] = sampling.eos_id is not None and int(ids[b]) == sampling.eos_id
-        if done.all() or step == max_new_tokens - 1:
+        if done.all() or not more:
             break
-        raw_step = ids.reshape(B, 1).astype(np.int64)
-        rows = None if rowstream is None else rowstream(raw_step)  # (L, B, 1, H)
-        _prefetch(model, rows, None)
         out = model(torch.from_numpy(raw_step).to(device), rows, cache=cache, return_logits=True)
         last = out.logits[:, -1]
         steps += 1
@@ -314,14 +350,23 @@ def generate(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     logits_out: list[Tensor] | None = [] if return_logits else None
 
+    clock0 = _read_clock(model)
     t0 = time.perf_counter()
     last = _prefill(model, cache, rowstream, padded, prefill_chunk)
     prefill_s = time.perf_counter() - t0
+    clock1 = _read_clock(model)
 
     t1 = time.perf_counter()
     sampling = _Sampling(temperature, top_k, top_p, gen, eos_id)
     new, steps = _decode(model, cache, rowstream, last, max_new_tokens, sampling, logits_out)
     decode_s = time.perf_counter() - t1
+    clock2 = _read_clock(model)
+    stats: dict[str, Any] = {}
+    if model.layer_ids:
+        stats["rows"] = {
+            "prefill": _overlap(clock0, clock1),
+            "decode": _overlap(clock1, clock2),
+        }
     return GenerationResult(
         prompts=prompts_,
         tokens=new,
@@ -329,4 +374,5 @@ def generate(
         decode_s=decode_s,
         steps=steps,
         logits=logits_out,
+        stats=stats,
     )

@@ -1,8 +1,9 @@
 """Serve a trained model with its tables on a chosen tier: RAM, or a table file on disk.
 
-The tier stack for `store="mmap"`, per Engram layer, innermost first:
+The tier stack for `store="mmap"` (tables in files on disk), per Engram layer, innermost first:
 
-    MmapRowStore (the .engt file; the OS page cache decides what stays in RAM)
+    MmapRowStore or PreadRowStore (`reader`: the .engt file memory-mapped, page by page; or read
+      row by row with preadv, several reads in flight -- engram.store.pread)
       -> CachedRowStore (optional: the hottest `cache_rows` rows, TinyLFU, with hit statistics)
         -> PrefetchingStore (optional: rows requested ahead by `generate` are fetched on a
            background thread while the blocks below the layer compute)
@@ -16,6 +17,8 @@ Design choices:
   an export made on first use into `<run>/tables/<checkpoint>-<dtype>/` (atomic, reused later).
   Every file is opened with the checkpoint's hash fingerprint, so a table exported from another
   configuration is refused.
+- `reader` picks how the file is read (see `READERS` and docs/serving.md for the measurements
+  behind the default); both return bit-identical rows, so generation does not depend on it.
 - One `Prefetcher` thread serves all layers; `ServedModel.close()` (or `with`) shuts it down and
   closes the files.
 """
@@ -32,6 +35,7 @@ from engram.export import export_tables
 from engram.store.base import RowStore
 from engram.store.cache import CachedRowStore
 from engram.store.mmap import MmapRowStore
+from engram.store.pread import PreadRowStore
 from engram.store.prefetch import Prefetcher, PrefetchingStore
 from engram.store.stack import close_stack, stack_stats
 from engram.store.tablefile import DTYPE_CODES
@@ -39,6 +43,7 @@ from engram.store.tables import table_file_name
 from engram.train import RunParts, load_trained
 
 STORES = ("ram", "mmap")
+READERS = ("mmap", "pread")  # how a table file is read: memory map, or row-by-row preadv
 WILLNEED_MAX = 4096  # rows per request advised to the kernel up front (a decode step reads B*H)
 
 
@@ -72,10 +77,24 @@ class TierConfig:
     verify: bool = False
     # Tell the kernel a step's pages up front (MADV_WILLNEED) so cold reads go out together.
     willneed: bool = True
+    # How table files are read (store="mmap"): "mmap" (memory map, the kernel pages rows in
+    # 4 KiB at a time) or "pread" (exactly the requested rows, engram.store.pread).
+    reader: str = "mmap"
+    # pread reader: threads doing the blocking reads of one request (0 = the calling thread,
+    # which already has a request's reads in flight through POSIX_FADV_WILLNEED).
+    reader_threads: int = 0
+    # pread reader: O_DIRECT (no page cache; 512 B per row instead of a 4 KiB page).
+    direct: bool = False
 
     def __post_init__(self) -> None:
         if self.store not in STORES:
             raise ValueError(f"store must be one of {list(STORES)}, got {self.store!r}")
+        if self.reader not in READERS:
+            raise ValueError(f"reader must be one of {list(READERS)}, got {self.reader!r}")
+        if self.reader_threads < 0:
+            raise ValueError(f"reader_threads must be >= 0, got {self.reader_threads}")
+        if (self.direct or self.reader_threads) and self.reader != "pread":
+            raise ValueError("direct and reader_threads apply to reader='pread' only")
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"table dtype must be one of {list(DTYPE_CODES)}, got {self.dtype!r}")
         if self.cache_rows < 0 or self.cache_bytes < 0:
@@ -141,6 +160,19 @@ def table_files(ckpt: Checkpoint, tier: TierConfig) -> dict[int, Path]:
     return files
 
 
+def open_table(path: Path, tier: TierConfig, fingerprint: str | None) -> RowStore:
+    """The innermost store of a disk tier: the table file at `path`, read as `tier.reader` says."""
+    if tier.reader == "pread":
+        return PreadRowStore(
+            path, expected_fingerprint=fingerprint, verify=tier.verify, check_bounds=False,
+            threads=tier.reader_threads, direct=tier.direct,
+        )  # fmt: skip
+    return MmapRowStore(
+        path, expected_fingerprint=fingerprint, verify=tier.verify, check_bounds=False,
+        willneed_max=WILLNEED_MAX if tier.willneed else 0,
+    )  # fmt: skip
+
+
 def load_served(
     ckpt_path: str | os.PathLike[str], tier: TierConfig | None = None, tokenizer: Any = None
 ) -> ServedModel:
@@ -171,10 +203,7 @@ def load_served(
     stores = {}
     try:
         for lid, f in files.items():
-            store: RowStore = MmapRowStore(
-                f, expected_fingerprint=fingerprint, verify=tier.verify, check_bounds=False,
-                willneed_max=WILLNEED_MAX if tier.willneed else 0,
-            )  # fmt: skip
+            store: RowStore = open_table(f, tier, fingerprint)
             if tier.cache_rows or tier.cache_bytes:
                 store = CachedRowStore(
                     store, capacity_rows=tier.cache_rows or None,

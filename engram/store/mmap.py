@@ -30,6 +30,9 @@ Design choices:
   `index_select`) and on in the serving tier, where prefetch runs it off the critical path.
   Sequential reads (`read_range`: export, checkpoint copies) use plain file reads with read-ahead.
 - No autograd: `trainable_parameters()` is empty; training goes through `apply_row_update`.
+- Counters (`stats()`, the row reader's `ReadStats`): gathers, rows served and the wall time in
+  `gather`. What a gather made the kernel read from storage is invisible to the store (page
+  faults); compare /proc/self/io (`engram.store.pread.proc_read_bytes`) around a workload.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import contextlib
 import mmap
 import os
 import threading
+import time
 import warnings
 import zlib
 from collections.abc import Callable, Mapping
@@ -49,6 +53,7 @@ import torch
 from torch import Tensor
 
 from engram.store.base import check_row_ids
+from engram.store.pread import ReadStats
 from engram.store.tablefile import (
     FLAG_DIRTY,
     ITEMSIZE,
@@ -88,6 +93,8 @@ class MmapRowStore:
             raise ValueError(f"out_dtype must be a floating dtype, got {out_dtype}")
         self._out_dtype = out_dtype
         self._lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self._stats = ReadStats()
         self._closed = True
         if verify:
             h = verify_table(
@@ -197,6 +204,7 @@ class MmapRowStore:
     def gather(self, rows: Tensor) -> Tensor:
         """Rows at global ids `rows` (integer, shape S) -> S + (dim,) in `out_dtype`, on the CPU."""
         self._check_open("gather")
+        t0 = time.perf_counter()
         if self.check_bounds:
             check_row_ids(rows, self.num_rows, what="MmapRowStore.gather")
         elif rows.dtype.is_floating_point or rows.dtype == torch.bool:
@@ -207,7 +215,22 @@ class MmapRowStore:
         out = torch.index_select(self._data, 0, flat)  # (R, dim) storage dtype
         if self._scale is not None:
             out = out.float() * self._scale.index_select(0, flat)[:, None]
-        return out.to(self._out_dtype).reshape(*rows.shape, self.dim)  # S + (dim,)
+        out = out.to(self._out_dtype).reshape(*rows.shape, self.dim)  # S + (dim,)
+        elapsed = time.perf_counter() - t0
+        with self._stats_lock:
+            self._stats.gathers += 1
+            self._stats.rows_served += flat.numel()
+            self._stats.read_time_s += elapsed
+        return out
+
+    def stats(self) -> ReadStats:
+        """Gathers, rows served and time in `gather` (storage bytes: see the module doc)."""
+        with self._stats_lock:
+            return replace(self._stats)
+
+    def reset_stats(self) -> None:
+        with self._stats_lock:
+            self._stats = ReadStats()
 
     def __call__(self, rows: Tensor) -> Tensor:
         return self.gather(rows)

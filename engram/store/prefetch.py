@@ -275,9 +275,30 @@ class PrefetchStats:
     sync_time_s: float = 0.0  # time spent in synchronous gathers
     stale_dropped: int = 0  # unconsumed prefetches pushed out of the FIFO or outdated by writes
     invalidated: int = 0  # pending prefetches dropped by apply_row_update / invalidate
+    fetch_time_s: float = 0.0  # time the worker spent in inner.gather for prefetches
+
+    @property
+    def read_time_s(self) -> float:
+        """All time spent fetching rows: on the worker (prefetches) and synchronously."""
+        return self.fetch_time_s + self.sync_time_s
+
+    @property
+    def exposed_time_s(self) -> float:
+        """Time the caller was blocked on rows: waiting for prefetches plus synchronous gathers."""
+        return self.wait_time_s + self.sync_time_s
+
+    @property
+    def hidden_fraction(self) -> float:
+        """Share of the read time that overlapped other work: 1 - exposed / read (0 if none)."""
+        total = self.read_time_s
+        return max(0.0, 1.0 - self.exposed_time_s / total) if total > 0 else 0.0
 
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        d = asdict(self)
+        d["read_time_s"] = self.read_time_s
+        d["exposed_time_s"] = self.exposed_time_s
+        d["hidden_fraction"] = self.hidden_fraction
+        return d
 
 
 @dataclass(frozen=True, eq=False)
@@ -495,13 +516,17 @@ class PrefetchingStore:
 
     def _fetch(self, rows: Tensor, ready: Any) -> _Fetched:
         """Runs on the worker thread."""
-        with torch.no_grad():
-            if self._cuda:
-                return self._fetch_cuda(rows, ready)
-            out = self.inner.gather(rows)
-            if self.device is not None:
-                out = out.to(self.device)
-            return _Fetched(out)
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                if self._cuda:
+                    return self._fetch_cuda(rows, ready)
+                out = self.inner.gather(rows)
+                if self.device is not None:
+                    out = out.to(self.device)
+                return _Fetched(out)
+        finally:
+            self.stats.fetch_time_s += time.perf_counter() - start
 
     def _fetch_cuda(self, rows: Tensor, ready: Any) -> _Fetched:
         assert self._pool is not None

@@ -13,11 +13,13 @@ from typing import Any
 from engram.store.base import RowStore
 from engram.store.cache import CachedRowStore
 from engram.store.mmap import MmapRowStore
+from engram.store.pread import PreadRowStore
 from engram.store.prefetch import Prefetcher, PrefetchingStore
 
 
 def stack_stats(stores: Mapping[int, RowStore]) -> dict[str, Any]:
-    """Per layer: the hot-row cache's and the prefetcher's statistics (JSON-able)."""
+    """Per layer: the hot-row cache's, the prefetcher's and the row reader's statistics
+    (JSON-able)."""
     out: dict[str, Any] = {}
     for lid, store in stores.items():
         rec: dict[str, Any] = {}
@@ -27,6 +29,8 @@ def stack_stats(stores: Mapping[int, RowStore]) -> dict[str, Any]:
                 rec["prefetch"] = s.stats.as_dict()
             elif isinstance(s, CachedRowStore):
                 rec["cache"] = s.stats().to_dict()
+            elif isinstance(s, MmapRowStore | PreadRowStore):
+                rec["reader"] = {"kind": type(s).__name__, **s.stats().to_dict()}
             s = getattr(s, "inner", None)
         out[str(lid)] = rec
     return out
@@ -39,6 +43,6 @@ def close_stack(stores: Mapping[int, RowStore], prefetcher: Prefetcher | None) -
     for store in stores.values():
         s: Any = store
         while s is not None:
-            if isinstance(s, MmapRowStore):
+            if isinstance(s, MmapRowStore | PreadRowStore):
                 s.close()
             s = getattr(s, "inner", None)

@@ -1,0 +1,584 @@
+"""A row store that reads exactly the requested rows of a `.engt` table file: rows, not pages.
+
+`MmapRowStore` lets the kernel fault a table in page by page: a 32-byte row costs at least a
+4 KiB page read, the page is mapped into the process (RssFile) and each cold fault waits alone
+unless the whole request was advised first. `PreadRowStore` instead reads each requested row with
+`os.preadv` into a reused staging buffer and gathers the result from there.
+
+Axes in shape comments: S the ids of a request (flattened), U its distinct ids, N the reads after
+coalescing, K the rows staged (U plus the gap rows that coalescing reads along).
+
+Design choices:
+- One gather is planned as a whole: the ids are deduplicated and sorted (`np.unique`), runs of
+  adjacent rows (and, with `coalesce_gap` > 0, rows at most that many rows apart) become ONE read
+  each, and the reads go out in file order. Duplicates cost nothing: the output is an
+  `index_select` of the staged rows by the inverse map, so it is bit-identical to `MmapRowStore`
+  and to an in-RAM table (same dtype conversions, in the same order: int8 rows are dequantised as
+  q.float() * scale[rows], bf16/fp16 rows cast after the select).
+- Several reads in flight without a thread per read. Buffered mode (the default) reads through
+  the page cache with the file advised POSIX_FADV_RANDOM (no read-ahead). Each read is first tried
+  with RWF_NOWAIT: a row already in the page cache is copied at once (one syscall, no waiting).
+  The reads that would block are then all announced with POSIX_FADV_WILLNEED, which queues their
+  disk reads together in the kernel (queue depth = the request's misses), and only then read with
+  blocking `preadv`s, which find their pages arriving. With `threads` > 0 those blocking reads are
+  also split over a pool of that many threads (`os.preadv` releases the GIL).
+- `direct=True` opens the file a second time with O_DIRECT: reads skip the page cache, are aligned
+  to the device's logical block (512 B where the filesystem allows, else 4 KiB; the reader probes)
+  into page-aligned anonymous buffers, and the rows are cut out of the aligned spans. A row then
+  costs 512 B from storage instead of 4 KiB, but nothing stays cached between requests (only the
+  hot-row cache in front), so a warm row costs a disk read every time. Needs `threads` for depth.
+  Refused with a clear error where the filesystem does not support O_DIRECT.
+- Staging buffers are per calling thread (`threading.local`) and grow by doubling, so concurrent
+  gathers (the model thread and a prefetch thread) never share one and a steady stream of small
+  requests allocates nothing but its output. The output is always a fresh tensor.
+- Counters (`stats()`, `ReadStats`): rows served (ids returned, duplicates included), rows read
+  (distinct rows fetched), rows staged (with coalesced gaps), reads issued, reads that found their
+  bytes in the page cache, bytes read, and wall time in the read phase. `proc_read_bytes()` reads
+  /proc/self/io's read_bytes (what this process made the kernel fetch from storage), to compare
+  the two readers' amplification from outside.
+- Read-only: the file is never written; `apply_row_update` raises `TableFileError` (training on
+  disk writes through `MmapRowStore(writable=True)`). The header is validated as by every table
+  reader (`tablefile.read_header`: magic, version, crc, exact size, sealed, fingerprint; `verify`
+  also checks the data crc).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from engram.store.base import check_row_ids
+from engram.store.tablefile import (
+    ITEMSIZE,
+    TableFileError,
+    TableHeader,
+    _check_host,
+    read_header,
+    verify_table,
+)
+
+_PAGE = mmap.PAGESIZE
+_DIRECT_ALIGNS = (512, 4096)  # O_DIRECT alignments to try, smallest first
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux >= 4.14; 0 = not available
+_SMALL_REQUEST = 256  # requests of at most this many ids are planned in plain Python
+
+
+def proc_read_bytes() -> int | None:
+    """Bytes this process has caused to be read from storage (/proc/self/io read_bytes), or None
+    where the kernel does not report it."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class ReadStats:
+    """Counters of a `PreadRowStore` since construction or `reset_stats()`."""
+
+    gathers: int = 0  # gather calls
+    rows_served: int = 0  # ids returned (duplicates within a call included)
+    rows_read: int = 0  # distinct rows fetched from the file
+    rows_staged: int = 0  # rows read including the gap rows coalescing read along
+    reads: int = 0  # preadv calls that returned data (after coalescing; retries included)
+    cached_reads: int = 0  # reads answered from the page cache without blocking (RWF_NOWAIT)
+    bytes_read: int = 0  # bytes copied from the file (rows + gaps + int8 scales; direct: aligned)
+    read_time_s: float = 0.0  # wall time in the read phase of gathers
+
+    @property
+    def bytes_per_row_served(self) -> float:
+        return self.bytes_read / self.rows_served if self.rows_served else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = asdict(self)
+        d["bytes_per_row_served"] = self.bytes_per_row_served
+        return d
+
+
+class _Plan(NamedTuple):
+    """How one request is read: the reads, where they land, and how to gather from them."""
+
+    first: np.ndarray  # (N,) first row of each read
+    nrows: np.ndarray  # (N,) rows per read
+    dest: np.ndarray  # (N,) staging row where each read lands
+    index: np.ndarray  # (S,) staging row of each requested id
+    unique: int  # U
+    staged: int  # K
+
+
+def plan_reads(flat: np.ndarray, coalesce_gap: int = 0) -> _Plan:
+    """Ids (S,) int64 -> the sorted, deduplicated, coalesced reads that fetch them.
+
+    Rows whose ids differ by at most `coalesce_gap` + 1 share a read (0: only adjacent rows)."""
+    if flat.size == 0:
+        z = np.zeros(0, dtype=np.int64)
+        return _Plan(z, z, z, z, 0, 0)
+    if flat.size <= _SMALL_REQUEST and coalesce_gap == 0:
+        return _plan_small(flat)
+    unique, inverse = np.unique(flat, return_inverse=True)  # (U,), (S,)
+    brk = np.flatnonzero(np.diff(unique) > coalesce_gap + 1) + 1
+    starts = np.concatenate(([0], brk))  # (N,) into unique
+    ends = np.concatenate((brk, [unique.size]))
+    first = unique[starts]
+    nrows = unique[ends - 1] - first + 1
+    dest = np.zeros_like(nrows)
+    np.cumsum(nrows[:-1], out=dest[1:])
+    run = np.repeat(np.arange(first.size), ends - starts)  # (U,) read of each distinct id
+    slot = dest[run] + (unique - first[run])  # (U,) staging row of each distinct id
+    return _Plan(first, nrows, dest, slot[inverse.reshape(-1)], int(unique.size), int(nrows.sum()))
+
+
+def _plan_small(flat: np.ndarray) -> _Plan:
+    """`plan_reads` for a few ids without gaps, in plain Python (numpy's per-call overhead
+    dominates at this size): staging row = rank among the distinct ids."""
+    ids = flat.tolist()
+    unique = sorted(set(ids))
+    rank = {v: i for i, v in enumerate(unique)}
+    first, nrows, dest = [unique[0]], [1], [0]
+    for i in range(1, len(unique)):
+        if unique[i] == unique[i - 1] + 1:
+            nrows[-1] += 1
+        else:
+            first.append(unique[i])
+            nrows.append(1)
+            dest.append(i)
+    return _Plan(
+        np.array(first, dtype=np.int64),
+        np.array(nrows, dtype=np.int64),
+        np.array(dest, dtype=np.int64),
+        np.array([rank[v] for v in ids], dtype=np.int64),
+        len(unique),
+        len(unique),
+    )
+
+
+class _Staging:
+    """One thread's reusable buffers (grown by doubling)."""
+
+    def __init__(self) -> None:
+        self.data: Any = None  # bytearray or anonymous mmap (page-aligned, for O_DIRECT)
+        self.data_t: Tensor | None = None  # uint8 view of `data`
+        self.scale: bytearray | None = None
+        self.scale_t: Tensor | None = None
+
+
+def _grow(nbytes: int, aligned: bool) -> tuple[Any, Tensor]:
+    size = 1 << max(12, (max(nbytes, 1) - 1).bit_length())
+    buf: Any = mmap.mmap(-1, size) if aligned else bytearray(size)
+    return buf, torch.frombuffer(buf, dtype=torch.uint8)
+
+
+class PreadRowStore:
+    """A read-only (num_rows, dim) table read row by row from a `.engt` file with `preadv`.
+
+    Args:
+        path: the table file.
+        expected_fingerprint: refuse a file made for another hash configuration.
+        verify: recompute the data crc at open (a full read of the file).
+        out_dtype: floating dtype `gather` returns (float32 by default).
+        check_bounds: bounds-check ids on every call.
+        allow_dirty: open an unsealed file anyway.
+        threads: reader threads for the blocking reads of a request (0 = the calling thread).
+        direct: read with O_DIRECT (no page cache; see the module doc).
+        advise: announce a request's missing rows with POSIX_FADV_WILLNEED before reading them.
+        coalesce_gap: rows this far apart (or closer) share one read; 0 = only adjacent rows.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        expected_fingerprint: str | None = None,
+        verify: bool = False,
+        out_dtype: torch.dtype = torch.float32,
+        check_bounds: bool = True,
+        allow_dirty: bool = False,
+        threads: int = 0,
+        direct: bool = False,
+        advise: bool = True,
+        coalesce_gap: int = 0,
+    ) -> None:
+        _check_host()
+        if not out_dtype.is_floating_point:
+            raise ValueError(f"out_dtype must be a floating dtype, got {out_dtype}")
+        for name, value in (("threads", threads), ("coalesce_gap", coalesce_gap)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        self._path = Path(path)
+        self._out_dtype = out_dtype
+        self.check_bounds = bool(check_bounds)
+        self.advise = bool(advise)
+        self.coalesce_gap = coalesce_gap
+        self._direct = bool(direct)
+        self._closed = True
+        if verify:
+            h = verify_table(
+                self._path, expected_fingerprint=expected_fingerprint, allow_dirty=allow_dirty
+            )
+        else:
+            h = read_header(
+                self._path, expected_fingerprint=expected_fingerprint, allow_dirty=allow_dirty
+            )
+        self._header: TableHeader = h
+        self._row_nbytes = h.dim * ITEMSIZE[h.dtype]
+        self._storage = h.torch_dtype
+        self._fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._dfd = -1
+        self._align = 1
+        try:
+            if os.fstat(self._fd).st_size != h.file_nbytes:  # replaced since the header check
+                raise TableFileError(f"table file {self._path} changed while being opened")
+            with contextlib.suppress(AttributeError, OSError):
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
+            if self._direct:
+                self._open_direct()
+        except BaseException:
+            self._close_fds()
+            raise
+        self._nowait = bool(_NOWAIT) and not self._direct
+        self._local = threading.local()
+        self._stats_lock = threading.Lock()
+        self._stats = ReadStats()
+        self._threads = threads
+        self._pool = (
+            ThreadPoolExecutor(threads, thread_name_prefix="engram-pread") if threads else None
+        )
+        self._closed = False
+
+    def _open_direct(self) -> None:
+        """Open the O_DIRECT descriptor and find the smallest alignment the filesystem takes."""
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            raise TableFileError("direct=True: this platform has no O_DIRECT")
+        try:
+            self._dfd = os.open(self._path, os.O_RDONLY | flag | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise TableFileError(
+                f"direct=True: the filesystem of {self._path} refuses O_DIRECT ({e.strerror})"
+            ) from e
+        probe = mmap.mmap(-1, 2 * _PAGE)
+        try:
+            for align in _DIRECT_ALIGNS:
+                try:
+                    os.preadv(self._dfd, [memoryview(probe)[:align]], align)
+                except OSError as e:
+                    if e.errno == errno.EINVAL:
+                        continue
+                    raise
+                self._align = align
+                return
+        finally:
+            probe.close()
+        raise TableFileError(f"direct=True: no O_DIRECT alignment in {_DIRECT_ALIGNS} works here")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_rows(self) -> int:
+        return self._header.num_rows
+
+    @property
+    def dim(self) -> int:
+        return self._header.dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype `gather` returns (`out_dtype`)."""
+        return self._out_dtype
+
+    @property
+    def storage_dtype(self) -> str:
+        """The file's row dtype: "float32", "bfloat16", "float16" or "int8"."""
+        return self._header.dtype
+
+    @property
+    def header(self) -> TableHeader:
+        return self._header
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the file on disk."""
+        return self._header.file_nbytes
+
+    @property
+    def direct(self) -> bool:
+        return self._direct
+
+    @property
+    def direct_alignment(self) -> int:
+        """Bytes O_DIRECT reads are aligned to (1 when not direct)."""
+        return self._align
+
+    @property
+    def threads(self) -> int:
+        return self._threads
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def stats(self) -> ReadStats:
+        """A copy of the counters."""
+        with self._stats_lock:
+            return ReadStats(**asdict(self._stats))
+
+    def reset_stats(self) -> None:
+        with self._stats_lock:
+            self._stats = ReadStats()
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise ValueError(f"PreadRowStore.{what}: the store for {self._path} is closed")
+
+    # ------------------------------------------------------------------ reading
+    def gather(self, rows: Tensor) -> Tensor:
+        """Rows at global ids `rows` (integer, shape S) -> S + (dim,) in `out_dtype`, on the CPU."""
+        self._check_open("gather")
+        if self.check_bounds:
+            check_row_ids(rows, self.num_rows, what="PreadRowStore.gather")
+        elif not isinstance(rows, Tensor):
+            raise TypeError(f"PreadRowStore.gather: row ids must be a torch.Tensor, got {rows!r}")
+        elif rows.dtype.is_floating_point or rows.dtype == torch.bool:
+            raise TypeError(f"PreadRowStore.gather: row ids must be integer, got {rows.dtype}")
+        flat = rows.reshape(-1).to(device="cpu", dtype=torch.long).numpy()  # (S,)
+        plan = plan_reads(flat, self.coalesce_gap)
+        staged, scale = self._read(plan)  # (K, dim) storage dtype, (K,) float32 or None
+        index = torch.from_numpy(plan.index)  # (S,)
+        out = torch.index_select(staged, 0, index)  # (S, dim) storage dtype, a fresh tensor
+        if scale is not None:
+            out = out.float() * scale.index_select(0, index)[:, None]
+        return out.to(self._out_dtype).reshape(*rows.shape, self.dim)  # S + (dim,)
+
+    def __call__(self, rows: Tensor) -> Tensor:
+        return self.gather(rows)
+
+    def read_rows(self, rows: np.ndarray) -> Tensor:
+        """Distinct sorted ids (U,) int64 -> their rows (U, dim) in the storage dtype (int8 rows
+        are NOT dequantised): the raw reader, for callers that manage their own ids."""
+        self._check_open("read_rows")
+        plan = plan_reads(np.ascontiguousarray(rows, dtype=np.int64))
+        staged, _ = self._read(plan, scales=False)
+        return staged.index_select(0, torch.from_numpy(plan.index))
+
+    def _staging(self, data_nbytes: int, scale_nbytes: int) -> _Staging:
+        st = getattr(self._local, "staging", None)
+        if st is None:
+            st = self._local.staging = _Staging()
+        if st.data is None or len(st.data) < data_nbytes:
+            st.data, st.data_t = _grow(data_nbytes, aligned=self._direct)
+        if scale_nbytes and (st.scale is None or len(st.scale) < scale_nbytes):
+            st.scale, st.scale_t = _grow(scale_nbytes, aligned=False)
+        return st
+
+    def _read(self, plan: _Plan, *, scales: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Execute `plan`: (staged rows (K, dim) storage dtype, staged scales (K,) or None).
+
+        The tensors are views of this thread's staging buffers, valid until its next read."""
+        h, rb = self._header, self._row_nbytes
+        K = plan.staged
+        want_scales = scales and h.scale_nbytes > 0
+        t0 = time.perf_counter()
+        if self._direct:
+            spans = self._direct_spans(plan)
+            st = self._staging(int(spans[-1][2] + spans[-1][1]) if spans else 0, 4 * K)
+            jobs = spans
+        else:
+            st = self._staging(K * rb, 4 * K if want_scales else 0)
+            jobs = [
+                (h.data_offset + f * rb, n * rb, d * rb)
+                for f, n, d in zip(
+                    plan.first.tolist(), plan.nrows.tolist(), plan.dest.tolist(), strict=True
+                )
+            ]
+        view = memoryview(st.data)
+        counts = self._run_jobs(self._dfd if self._direct else self._fd, view, jobs)
+        sread = 0
+        if want_scales:
+            sjobs = [
+                (h.scale_offset + 4 * f, 4 * n, 4 * d)
+                for f, n, d in zip(
+                    plan.first.tolist(), plan.nrows.tolist(), plan.dest.tolist(), strict=True
+                )
+            ]
+            assert st.scale is not None
+            sc = self._run_jobs(self._fd, memoryview(st.scale), sjobs)
+            counts = (counts[0] + sc[0], counts[1] + sc[1])
+            sread = 4 * K
+        elapsed = time.perf_counter() - t0
+        nbytes = sum(j[1] for j in jobs) + sread
+        with self._stats_lock:
+            s = self._stats
+            s.gathers += 1
+            s.rows_served += plan.index.size
+            s.rows_read += plan.unique
+            s.rows_staged += K
+            s.reads += counts[0]
+            s.cached_reads += counts[1]
+            s.bytes_read += nbytes
+            s.read_time_s += elapsed
+        assert st.data_t is not None
+        if self._direct:
+            data = self._cut_direct(st.data_t, plan, jobs)  # (K, dim)
+        else:
+            data = st.data_t[: K * rb].view(self._storage).view(K, h.dim)  # (K, dim)
+        scale = None
+        if want_scales:
+            assert st.scale_t is not None
+            scale = st.scale_t[: 4 * K].view(torch.float32)  # (K,)
+        return data, scale
+
+    def _direct_spans(self, plan: _Plan) -> list[tuple[int, int, int]]:
+        """O_DIRECT reads: (aligned offset, aligned length, staging byte offset) per read."""
+        h, rb, a = self._header, self._row_nbytes, self._align
+        out, pos = [], 0
+        for f, n in zip(plan.first.tolist(), plan.nrows.tolist(), strict=True):
+            lo = h.data_offset + f * rb
+            start = lo // a * a
+            stop = -(-(lo + n * rb) // a) * a
+            out.append((start, stop - start, pos))
+            pos += stop - start
+        return out
+
+    def _cut_direct(self, buf: Tensor, plan: _Plan, spans: list[tuple[int, int, int]]) -> Tensor:
+        """The staged rows (K, dim) cut out of the aligned spans in `buf` (uint8)."""
+        h, rb = self._header, self._row_nbytes
+        K = plan.staged
+        if K == 0:
+            return torch.empty(0, h.dim, dtype=self._storage)
+        span_pos = np.array([s[2] for s in spans], dtype=np.int64)
+        skew = h.data_offset + plan.first * rb - np.array([s[0] for s in spans], dtype=np.int64)
+        base = np.repeat(span_pos + skew, plan.nrows)  # (K,) byte where each read's rows start
+        within = np.arange(K, dtype=np.int64) - np.repeat(plan.dest, plan.nrows)
+        starts = torch.from_numpy(base + within * rb)  # (K,)
+        idx = starts[:, None] + torch.arange(rb)  # (K, rb)
+        return buf[idx.reshape(-1)].view(self._storage).view(K, h.dim)
+
+    # ------------------------------------------------------------------ I/O
+    def _run_jobs(
+        self, fd: int, view: memoryview, jobs: list[tuple[int, int, int]]
+    ) -> tuple[int, int]:
+        """Read every (file offset, nbytes, buffer offset) job into `view`: (reads, cached)."""
+        reads = cached = 0
+        pending = jobs
+        if self._nowait and jobs:
+            pending = []
+            for off, nb, at in jobs:
+                try:
+                    n = os.preadv(fd, [view[at : at + nb]], off, _NOWAIT)
+                except BlockingIOError:
+                    n = 0
+                except OSError as e:  # EOPNOTSUPP: the filesystem cannot; stop trying
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    self._nowait = False
+                    pending = jobs
+                    break
+                if n:
+                    reads += 1
+                if n == nb:
+                    cached += 1
+                else:
+                    pending.append((off + n, nb - n, at + n))
+        if not pending:
+            return reads, cached
+        if self.advise and len(pending) > 1 and not self._direct:
+            with contextlib.suppress(OSError):
+                for off, nb, _ in pending:
+                    os.posix_fadvise(fd, off, nb, os.POSIX_FADV_WILLNEED)
+        if self._pool is not None and len(pending) > 1:
+            k = min(self._threads + 1, len(pending))
+            parts = [pending[i::k] for i in range(k)]
+            futures = [self._pool.submit(self._blocking_reads, fd, view, p) for p in parts[1:]]
+            reads += self._blocking_reads(fd, view, parts[0])
+            reads += sum(f.result() for f in futures)
+        else:
+            reads += self._blocking_reads(fd, view, pending)
+        return reads, cached
+
+    def _blocking_reads(self, fd: int, view: memoryview, jobs: list[tuple[int, int, int]]) -> int:
+        reads = 0
+        for off, nb, at in jobs:
+            while nb:
+                n = os.preadv(fd, [view[at : at + nb]], off)
+                if n <= 0 and off >= self._header.file_nbytes and self._direct:
+                    break  # an aligned O_DIRECT span past the end of the file: not needed
+                if n <= 0:
+                    raise TableFileError(
+                        f"table file {self._path} ended at byte {off} while reading rows: it was "
+                        "truncated after it was opened"
+                    )
+                reads += 1
+                off, nb, at = off + n, nb - n, at + n
+        return reads
+
+    def read_range(self, start: int, stop: int) -> Tensor:
+        """Rows [start, stop) as (stop - start, dim) `out_dtype`, read sequentially."""
+        self._check_open("read_range")
+        h = self._header
+        if not 0 <= start <= stop <= h.num_rows:
+            raise ValueError(f"row range [{start}, {stop}) is outside [0, {h.num_rows})")
+        return self.gather(torch.arange(start, stop))
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+    def apply_row_update(self, rows: Tensor, delta: Tensor) -> None:
+        """Refused: the reader is read-only (train on disk through `MmapRowStore(writable=True)`)."""
+        raise TableFileError(
+            f"PreadRowStore.apply_row_update: {self._path} is served read-only by the row "
+            "reader; open it with MmapRowStore(path, writable=True) to update rows"
+        )
+
+    # ------------------------------------------------------------------ lifetime
+    def _close_fds(self) -> None:
+        for fd in (self._fd, self._dfd):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._dfd = -1
+
+    def close(self) -> None:
+        """Stop the reader threads and close the file (idempotent). Do not close mid-gather."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._close_fds()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            with contextlib.suppress(Exception):
+                self.close()
+
+    def __enter__(self) -> PreadRowStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = f"direct/{self._align}" if self._direct else "buffered"
+        return (
+            f"PreadRowStore({str(self._path)!r}, num_rows={self.num_rows}, dim={self.dim}, "
+            f"storage={self.storage_dtype}, out={self._out_dtype}, {mode}, "
+            f"threads={self._threads})"
+        )
