@@ -17,6 +17,11 @@ Design choices:
   GPU. On CPU a fused C kernel (``_hashkernel.c``, loaded through ctypes, GIL released) does
   every layer, order and head in one sweep; without it a vectorized numpy path gives the same
   bits. On an accelerator the torch path runs on the ids' device: no host round trip.
+- CPU paths (``HASH_PATHS``): the kernel's ``avx512`` and ``avx2`` intrinsics, its ``portable``
+  C (auto-vectorised; ARM and every other CPU), and ``numpy``. ``auto`` takes the fastest the
+  CPU runs (checked at run time, so one build serves every machine); ``ENGRAM_HASH_PATH`` or
+  ``NgramHasher(path=...)`` forces one, and a path the machine cannot run is an error, never
+  a silent fallback. All paths give the same bits; the tests run on every path available.
 - Document boundaries: a separator id (the compressed end-of-document id, which belongs to the
   document it ends) or segment ids mark where a document starts; positions from there on see
   pad before it, exactly as if each document were hashed alone.
@@ -33,9 +38,10 @@ import ctypes
 import hashlib
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 import torch
@@ -45,8 +51,16 @@ import torch
 
 _PRIME_LAYER_STRIDE = 10007
 _INT64_MAX = np.iinfo(np.int64).max
-# Below this modulus the float quotient estimate in the C kernel is not provably within 1.
-_EXACT_THRESHOLD = 1 << 13
+# The C kernel's division-free modulo is proven for moduli in [2^13, 2^62) (see _hashkernel.c);
+# a configuration with a prime outside takes integer `%` on every path.
+_FAST_MOD_MIN = 1 << 13
+_FAST_MOD_END = 1 << 62
+
+HASH_PATHS: Final = ("avx512", "avx2", "portable", "numpy")  # fastest first
+HASH_PATH_ENV: Final = "ENGRAM_HASH_PATH"
+_PATH_CODES: Final = {"portable": 1, "avx2": 2, "avx512": 3}  # PATH_* in _hashkernel.c
+_PATH_NEEDS: Final = {"avx512": "AVX-512F and AVX-512DQ", "avx2": "AVX2 and FMA"}
+_CPU_FLAGS: Final = ("avx2", "fma", "avx512f", "avx512dq", "bmi2")  # CPU_* bit order
 
 Array = np.ndarray | torch.Tensor
 
@@ -116,26 +130,93 @@ def prime_table_sizes(
 # ----------------------------------------------------------------------------- kernel
 
 
+class _Kernel(NamedTuple):
+    hash: Any  # ctypes function engram_hash
+    paths: tuple[str, ...]  # the kernel paths this CPU runs, fastest first
+    cpu_flags: dict[str, bool]  # what the kernel's run-time checks found
+
+
 @lru_cache(maxsize=1)
-def _load_kernel() -> Any | None:
-    """The compiled kernel's entry point, or None when the extension was not built."""
+def _load_kernel() -> _Kernel | None:
+    """The compiled kernel, or None when the extension was not built."""
     spec = importlib.util.find_spec("engram._hashkernel")
     if spec is None or spec.origin is None:
         return None
     try:
         lib = ctypes.CDLL(spec.origin)
-    except OSError:
+        fn, paths_fn, cpu_fn = lib.engram_hash, lib.engram_hash_paths, lib.engram_cpu_features
+    except (OSError, AttributeError):  # AttributeError: a stale build without the dispatch
         return None
-    fn = lib.engram_hash
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, i64, i64, p, p, i64, i64, i64, i64, p, p, p, ctypes.c_int, p]
-    fn.restype = ctypes.c_int
-    return fn
+    p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    fn.argtypes = [p, i64, i64, p, p, i64, i64, i64, i64, p, p, p, c_int, c_int, p]
+    fn.restype = c_int
+    paths_fn.restype = cpu_fn.restype = c_int
+    bits, cpu = paths_fn(), cpu_fn()
+    paths = tuple(name for name in HASH_PATHS[:-1] if bits & (1 << _PATH_CODES[name]))
+    return _Kernel(fn, paths, {f: bool(cpu & (1 << i)) for i, f in enumerate(_CPU_FLAGS)})
 
 
 def kernel_available() -> bool:
     """Whether the fused C hashing kernel is loaded (else the numpy path is used on CPU)."""
     return _load_kernel() is not None
+
+
+def cpu_features() -> dict[str, bool]:
+    """The x86 flags the kernel's dispatch looks at (avx2, fma, avx512f, avx512dq, bmi2), as
+    its run-time checks see them (CPUID and OS support); all False on other CPUs. Without the
+    kernel, read from /proc/cpuinfo where it exists."""
+    kernel = _load_kernel()
+    if kernel is not None:
+        return dict(kernel.cpu_flags)
+    found: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    found = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return {flag: flag in found for flag in _CPU_FLAGS}
+
+
+def available_paths() -> tuple[str, ...]:
+    """The CPU hashing paths this machine runs, fastest first (``numpy`` always)."""
+    kernel = _load_kernel()
+    return (*(kernel.paths if kernel is not None else ()), "numpy")
+
+
+def resolve_path(path: str | None = None) -> str:
+    """The CPU hashing path that ``path`` selects: None reads ``ENGRAM_HASH_PATH`` (default
+    ``auto``), ``auto`` is the fastest available. A path this machine cannot run is an error."""
+    source = "path"
+    if path is None:
+        path, source = os.environ.get(HASH_PATH_ENV, "").strip() or "auto", HASH_PATH_ENV
+    name = str(path).strip().lower()
+    available = available_paths()
+    if name == "auto":
+        return available[0]
+    if name not in HASH_PATHS:
+        raise ValueError(
+            f"{source}={path!r} is not a hashing path; expected one of auto, {', '.join(HASH_PATHS)}"
+        )
+    if name not in available:
+        if not kernel_available():
+            why = "the compiled kernel (engram._hashkernel), which is not built"
+        elif name in _PATH_NEEDS:
+            why = f"a CPU with {_PATH_NEEDS[name]}, which this one lacks"
+        else:
+            why = "a platform this build does not support"
+        raise ValueError(
+            f"{source}={path!r}: the {name} hashing path needs {why}; "
+            f"available here: {', '.join(available)}"
+        )
+    return name
+
+
+def kernel_path() -> str:
+    """The CPU hashing path a new ``NgramHasher`` runs here (``ENGRAM_HASH_PATH`` or ``auto``)."""
+    return resolve_path(None)
 
 
 # ----------------------------------------------------------------------------- hasher
@@ -152,6 +233,9 @@ class NgramHasher:
         layer_ids: the Engram layers, in the order their tables are laid out.
         pad_id: the *compressed* id read before a sequence or document start.
         seed: base seed of the multipliers.
+        path: CPU hashing path (``auto``, ``avx512``, ``avx2``, ``portable`` or ``numpy``);
+            None reads ``ENGRAM_HASH_PATH`` (default ``auto``). Ids on an accelerator always
+            take the torch path. Same bits on every path; the ``path`` attribute can be set.
     """
 
     def __init__(
@@ -163,6 +247,7 @@ class NgramHasher:
         layer_ids: list[int] | tuple[int, ...],
         pad_id: int,
         seed: int = 0,
+        path: str | None = None,
     ) -> None:
         V, N, K = int(compressed_vocab_size), int(max_ngram_size), int(n_head_per_ngram)
         if V < 1:
@@ -200,15 +285,21 @@ class NgramHasher:
         self._mult_all = np.stack([self._multipliers[i] for i in layers])
         self._mods_all = np.array([self._table_sizes[i] for i in layers], dtype=np.int64)
         self._inv_all = 1.0 / self._mods_all.astype(np.float64)
-        self._exact = bool(self._mods_all.min() < _EXACT_THRESHOLD)
-        self._portable_kernel = False  # True forces the kernel's scalar path (tests)
+        self._exact = bool(
+            self._mods_all.min() < _FAST_MOD_MIN or self._mods_all.max() >= _FAST_MOD_END
+        )
+        self._path = resolve_path(path)
         self._torch_consts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ constructors
 
     @classmethod
     def from_config(
-        cls, cfg: Any, compressed_vocab_size: int, compressed_pad_id: int
+        cls,
+        cfg: Any,
+        compressed_vocab_size: int,
+        compressed_pad_id: int,
+        path: str | None = None,
     ) -> NgramHasher:
         """Build from an :class:`engram.config.EngramConfig` and the compressor's figures."""
         return cls(
@@ -219,7 +310,17 @@ class NgramHasher:
             layer_ids=list(cfg.layer_ids),
             pad_id=compressed_pad_id,
             seed=cfg.seed,
+            path=path,
         )
+
+    @property
+    def path(self) -> str:
+        """The CPU hashing path this hasher runs (see ``HASH_PATHS``)."""
+        return self._path
+
+    @path.setter
+    def path(self, value: str | None) -> None:
+        self._path = resolve_path(value)
 
     # ------------------------------------------------------------------ introspection
 
@@ -394,28 +495,28 @@ class NgramHasher:
         shape = (len(sel), B, T, self.n_subtables)
         res = self._alloc_out(out, shape, is_torch)
         res_np = res.numpy() if is_torch else res
-        kernel = _load_kernel()
+        kernel = None if self._path == "numpy" else _load_kernel()
         if kernel is not None:
             mult = np.ascontiguousarray(self._mult_all[sel])
             mods = np.ascontiguousarray(self._mods_all[sel])
             inv = np.ascontiguousarray(self._inv_all[sel])
-            status = kernel(
+            status = kernel.hash(
                 x.ctypes.data, B, T,
                 None if r is None else r.ctypes.data,
                 None if w is None else w.ctypes.data,
                 self.pad_id, self.max_ngram_size, len(sel), self.n_head_per_ngram,
-                mult.ctypes.data, mods.ctypes.data, inv.ctypes.data, self._kernel_flags(),
-                res_np.ctypes.data,
+                mult.ctypes.data, mods.ctypes.data, inv.ctypes.data,
+                int(self._exact),  # bit 0: integer `%` (moduli outside the fast range)
+                _PATH_CODES[self._path], res_np.ctypes.data,
             )  # fmt: skip
             if status != 0:
-                raise RuntimeError(f"hash kernel failed for max_ngram_size={self.max_ngram_size}")
+                raise RuntimeError(
+                    f"hash kernel failed (status {status}) on path {self._path!r} "
+                    f"for max_ngram_size={self.max_ngram_size}"
+                )
         else:
             self._run_numpy(x, r, w, sel, res_np)
         return res
-
-    def _kernel_flags(self) -> int:
-        # bit 0: exact `%` for small moduli; bit 1: portable (non-SIMD) code, for tests.
-        return int(self._exact) | (2 if self._portable_kernel else 0)
 
     def _alloc_out(self, out: Array | None, shape: tuple[int, ...], is_torch: bool) -> Array:
         if out is None:
@@ -564,9 +665,9 @@ class HashStream:
         is_torch = isinstance(ids, torch.Tensor)
         if is_torch != isinstance(self.window, torch.Tensor):
             raise TypeError("ids must be the same kind (numpy or torch) as the stream's state")
-        if sep_id is not None:
-            if reset is not None:
-                raise ValueError("pass either reset or sep_id, not both")
+        if sep_id is not None and reset is not None:
+            raise ValueError("pass either reset or sep_id, not both")
+        if sep_id is not None and ids.shape[1] > 0:
             reset = h._resets(ids, sep_id, None)
             prev = self._last_was_sep
             if prev is not None:
@@ -576,6 +677,11 @@ class HashStream:
             _check_same_shape(ids, reset, "reset")
         if is_torch and self.window.device != ids.device:
             raise ValueError(f"stream state is on {self.window.device}, ids on {ids.device}")
+        if ids.shape[1] == 0:  # an empty chunk: no rows, the state stays as it is
+            shape = (len(h.layer_ids), ids.shape[0], 0, h.n_subtables)
+            if is_torch:
+                return torch.empty(shape, dtype=torch.int64, device=ids.device)
+            return np.empty(shape, dtype=np.int64)
         return h._run(ids, reset=reset, window=self.window, out=None, layers=None)
 
     def reorder(self, index: Array) -> HashStream:

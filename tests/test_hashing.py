@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import numpy as np
@@ -10,7 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engram.hashing import NgramHasher, find_next_prime, is_prime, kernel_available
+from engram.hashing import (
+    NgramHasher,
+    available_paths,
+    find_next_prime,
+    is_prime,
+    kernel_available,
+)
 
 DEMO = dict(
     compressed_vocab_size=99_092,
@@ -97,15 +104,26 @@ SMALL = dict(
 )
 
 
-def backends(h: NgramHasher):
-    """Every CPU path: compiled kernel (if built), numpy fallback, torch ops."""
+CPU_PATHS = available_paths()  # every CPU path this machine runs: avx512, avx2, portable, numpy
 
-    def numpy_path(x, reset=None, window=None):
-        out = np.empty((len(h.layer_ids), *x.shape, h.n_subtables), dtype=np.int64)
-        h._run_numpy(
-            np.asarray(x, dtype=np.int64), reset, window, list(range(len(h.layer_ids))), out
-        )
-        return out
+
+def with_path(h: NgramHasher, path: str) -> NgramHasher:
+    """The same hasher (shared constants) forced onto one CPU path."""
+    forced = copy.copy(h)
+    forced.path = path
+    return forced
+
+
+def backends(h: NgramHasher):
+    """Every CPU path this machine runs (compiled kernel paths, numpy), plus the torch ops."""
+
+    def on_path(path):
+        hp = with_path(h, path)
+
+        def run(x, reset=None, window=None):
+            return hp._run(np.asarray(x), reset=reset, window=window, out=None, layers=None)
+
+        return run
 
     def torch_path(x, reset=None, window=None):
         r = None if reset is None else torch.from_numpy(np.asarray(reset))
@@ -115,24 +133,16 @@ def backends(h: NgramHasher):
             window[:] = w.numpy()
         return out.numpy()
 
-    def public(x, reset=None, window=None):
-        return h._run(np.asarray(x), reset=reset, window=window, out=None, layers=None)
-
-    def portable(x, reset=None, window=None):
-        h._portable_kernel = True
-        try:
-            return public(x, reset, window)
-        finally:
-            h._portable_kernel = False
-
-    return {"public": public, "portable": portable, "numpy": numpy_path, "torch": torch_path}
+    return {**{path: on_path(path) for path in CPU_PATHS}, "torch": torch_path}
 
 
 # ----------------------------------------------------------------------------- golden values
 
 
-def test_golden_demo_configuration():
-    h = NgramHasher(**DEMO)
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_golden_demo_configuration(path):
+    h = NgramHasher(**DEMO, path=path)
+    assert h.path == path
     assert h.multipliers(1).tolist() == [76632096046245, 4839876093313, 35959672319349]
     assert h.multipliers(15).tolist() == [28919099099511, 56020370062535, 53929037264533]
     assert h.table_sizes(1) == [
@@ -147,13 +157,14 @@ def test_golden_demo_configuration():
     assert h.fingerprint() == "b8f119247bd415898de96a486c4cd6133787fbc92f088c1c569c87641a10caf7"
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("cfg", [DEMO, SMALL], ids=["demo", "small"])
-def test_matches_reference_scheme(cfg):
+def test_matches_reference_scheme(cfg, path):
     V, N, K = cfg["compressed_vocab_size"], cfg["max_ngram_size"], cfg["n_head_per_ngram"]
     mult, primes = reference_tables(
         V, cfg["engram_vocab_size"], N, K, cfg["layer_ids"], cfg["seed"]
     )
-    h = NgramHasher(**cfg)
+    h = NgramHasher(**cfg, path=path)
     x = np.random.default_rng(0).integers(0, V, size=(3, 257), dtype=np.int64)
     x[0, :5] = V - 1  # largest products
     for layer_id in cfg["layer_ids"]:
@@ -202,7 +213,7 @@ def test_backends_bit_exact_and_in_range(B, T, data):
         dtype=np.int64,
     )
     outs = {name: f(x) for name, f in backends(h).items()}
-    first = outs["public"]
+    first = outs["numpy"]
     for name, o in outs.items():
         assert np.array_equal(o, first), name
     for li, layer_id in enumerate(h.layer_ids):
