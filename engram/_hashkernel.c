@@ -355,7 +355,9 @@ int engram_hash_paths(void)
  * reset:  (B, T) uint8 or NULL; 1 where a new document starts (earlier positions read pad)
  * window: (B, N-1) int64 or NULL; ids at lags 1..N-1 before x[:, 0]; updated in place
  * mult:   (L, N) int64 multipliers;  mods: (L, N-1, K) int64 primes;  inv: (L, N-1, K) 1/p
- * flags:  bit 0: exact integer modulo (moduli below 2^13 or from 2^62)
+ * flags:  bit 0: exact integer modulo (moduli below 2^13 or from 2^62);
+ *         bit 1: a new document starts after each `sep` id (reset must be NULL)
+ * sep:    the separator id when flags bit 1 is set
  * path:   PATH_PORTABLE, PATH_AVX2 or PATH_AVX512
  * out:    (L, B, T, (N-1)*K) int64
  * returns 0; -1 when N is out of range; -2 when scratch memory cannot be allocated;
@@ -363,9 +365,11 @@ int engram_hash_paths(void)
  */
 int engram_hash(const int64_t *x, int64_t B, int64_t T, const uint8_t *reset, int64_t *window,
                 int64_t pad, int64_t N, int64_t L, int64_t K, const int64_t *mult,
-                const int64_t *mods, const double *inv, int flags, int path, int64_t *out)
+                const int64_t *mods, const double *inv, int flags, int64_t sep, int path,
+                int64_t *out)
 {
     if (N < 2 || N > ENGRAM_MAX_N) return -1;
+    if ((flags & 2) && reset) return -1;
     if (path < PATH_PORTABLE || path > PATH_AVX512 || !(engram_hash_paths() & (1 << path)))
         return -3;
     fill_block_fn fill = fill_block_portable;
@@ -388,13 +392,22 @@ int engram_hash(const int64_t *x, int64_t B, int64_t T, const uint8_t *reset, in
         free(mix);
         return -2;
     }
+    uint8_t sep_starts[ENGRAM_BLOCK];
     for (int64_t b = 0; b < B; b++) {
         int64_t w[ENGRAM_MAX_N]; /* w[k]: the id seen at ext k; w[0] is the current id */
         for (int64_t k = 1; k < N; k++) w[k] = window ? window[b * (N - 1) + (k - 1)] : pad;
         for (int64_t t0 = 0; t0 < T; t0 += ENGRAM_BLOCK) {
             const int64_t nb = T - t0 < ENGRAM_BLOCK ? T - t0 : ENGRAM_BLOCK;
+            const int64_t *xb = x + b * T + t0;
             const uint8_t *rb = reset ? reset + b * T + t0 : NULL;
-            fill(x + b * T + t0, rb, nb, w, pad, N, L, mult, ext, mix);
+            if (flags & 2) { /* starts after separators; position 0 continues the window */
+                uint8_t any = 0;
+                sep_starts[0] = t0 > 0 && xb[-1] == sep;
+                for (int64_t i = 1; i < nb; i++) sep_starts[i] = xb[i - 1] == sep;
+                for (int64_t i = 0; i < nb; i++) any |= sep_starts[i];
+                rb = any ? sep_starts : NULL;
+            }
+            fill(xb, rb, nb, w, pad, N, L, mult, ext, mix);
             for (int64_t l = 0; l < L; l++) {
                 for (int64_t n = 1; n < N; n++) {
                     const int64_t row = l * (N - 1) + (n - 1);

@@ -148,7 +148,7 @@ def _load_kernel() -> _Kernel | None:
     except (OSError, AttributeError):  # AttributeError: a stale build without the dispatch
         return None
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, i64, p, p, i64, i64, i64, i64, p, p, p, c_int, c_int, p]
+    fn.argtypes = [p, i64, i64, p, p, i64, i64, i64, i64, p, p, p, c_int, i64, c_int, p]
     fn.restype = c_int
     paths_fn.restype = cpu_fn.restype = c_int
     bits, cpu = paths_fn(), cpu_fn()
@@ -409,6 +409,8 @@ class NgramHasher:
         ``out``: optional preallocated (L, B, T, H) int64 buffer of the same kind (CPU only).
         ``layers``: indices into ``layer_ids`` to compute (default all, in order).
         """
+        if sep_id is not None and segment_ids is None:  # the kernel finds the separators itself
+            return self._run(ids, reset=None, window=None, out=out, layers=layers, sep=sep_id)
         reset = self._resets(ids, sep_id, segment_ids)
         return self._run(ids, reset=reset, window=None, out=out, layers=layers)
 
@@ -474,10 +476,17 @@ class NgramHasher:
         window: Array | None,
         out: Array | None,
         layers: list[int] | None,
+        sep: int | None = None,
     ) -> Array:
+        """Hash on this hasher's path. ``sep`` (instead of ``reset``) starts a document after
+        each separator id; the kernel finds them, the other paths derive ``reset``."""
         self._validate_ids(ids)
         sel = list(range(len(self.layer_ids))) if layers is None else list(layers)
-        if isinstance(ids, torch.Tensor) and ids.device.type != "cpu":
+        kernel = None if self._path == "numpy" else _load_kernel()
+        on_device = isinstance(ids, torch.Tensor) and ids.device.type != "cpu"
+        if sep is not None and (kernel is None or on_device):
+            reset, sep = self._resets(ids, sep, None), None
+        if on_device:
             return self._run_torch(ids, reset, window, sel)
         is_torch = isinstance(ids, torch.Tensor)
         x = np.ascontiguousarray(ids.numpy() if is_torch else ids, dtype=np.int64)
@@ -495,18 +504,19 @@ class NgramHasher:
         shape = (len(sel), B, T, self.n_subtables)
         res = self._alloc_out(out, shape, is_torch)
         res_np = res.numpy() if is_torch else res
-        kernel = None if self._path == "numpy" else _load_kernel()
         if kernel is not None:
-            mult = np.ascontiguousarray(self._mult_all[sel])
-            mods = np.ascontiguousarray(self._mods_all[sel])
-            inv = np.ascontiguousarray(self._inv_all[sel])
+            every = layers is None  # the stacked constants as they are, no copies
+            mult = self._mult_all if every else np.ascontiguousarray(self._mult_all[sel])
+            mods = self._mods_all if every else np.ascontiguousarray(self._mods_all[sel])
+            inv = self._inv_all if every else np.ascontiguousarray(self._inv_all[sel])
             status = kernel.hash(
                 x.ctypes.data, B, T,
                 None if r is None else r.ctypes.data,
                 None if w is None else w.ctypes.data,
                 self.pad_id, self.max_ngram_size, len(sel), self.n_head_per_ngram,
                 mult.ctypes.data, mods.ctypes.data, inv.ctypes.data,
-                int(self._exact),  # bit 0: integer `%` (moduli outside the fast range)
+                # bit 0: integer `%` (moduli outside the fast range); bit 1: starts after sep
+                int(self._exact) | (0 if sep is None else 2), 0 if sep is None else int(sep),
                 _PATH_CODES[self._path], res_np.ctypes.data,
             )  # fmt: skip
             if status != 0:

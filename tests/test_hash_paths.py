@@ -109,7 +109,7 @@ def test_kernel_refuses_an_unknown_path_code():
     x = np.zeros((1, 4), dtype=np.int64)
     out = np.zeros((2, 1, 4, 16), dtype=np.int64)
     args = (x.ctypes.data, 1, 4, None, None, 2, 3, 2, 8, h._mult_all.ctypes.data)
-    consts = (h._mods_all.ctypes.data, h._inv_all.ctypes.data, 0)
+    consts = (h._mods_all.ctypes.data, h._inv_all.ctypes.data, 0, 0)
     assert kernel.hash(*args, *consts, 9, out.ctypes.data) == -3
     assert kernel.hash(*args, *consts, 0, out.ctypes.data) == -3
     assert not out.any()
