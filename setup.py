@@ -1,7 +1,7 @@
-"""Build the optional C hashing kernel; everything else is declared in pyproject.toml.
+"""Build the optional C kernels; everything else is declared in pyproject.toml.
 
-The extension is `optional`: without a C compiler the package installs and hashes with the
-vectorized numpy path (same results, slower).
+The extensions are `optional`: without a C compiler the package installs, hashes with the
+vectorized numpy path and reads table rows with a Python loop (same results, slower).
 """
 
 from setuptools import Extension, setup
@@ -13,6 +13,12 @@ setup(
             sources=["engram/_hashkernel.c"],
             extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"],
             optional=True,
-        )
+        ),
+        Extension(
+            "engram._preadkernel",
+            sources=["engram/_preadkernel.c"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        ),
     ]
 )

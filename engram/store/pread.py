@@ -45,13 +45,16 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import importlib.util
 import mmap
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -168,6 +171,36 @@ def _plan_small(flat: np.ndarray) -> _Plan:
     )
 
 
+class _Jobs(NamedTuple):
+    """Reads of one request: file offsets, byte counts and staging offsets, each (N,) int64."""
+
+    off: np.ndarray
+    size: np.ndarray
+    at: np.ndarray
+
+
+@lru_cache(maxsize=1)
+def _load_kernel() -> Any:
+    """`engram_pread_jobs` from the optional C extension (ctypes: the GIL is released during a
+    call), or None when it was not built."""
+    spec = importlib.util.find_spec("engram._preadkernel")
+    if spec is None or spec.origin is None:
+        return None
+    try:
+        fn = ctypes.CDLL(spec.origin).engram_pread_jobs
+    except (OSError, AttributeError):
+        return None
+    p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    fn.argtypes = [c_int, i64, p, p, p, p, c_int, i64, p, p]
+    fn.restype = c_int
+    return fn
+
+
+def kernel_available() -> bool:
+    """Whether the C read kernel (`engram/_preadkernel.c`) is built and loaded."""
+    return _load_kernel() is not None
+
+
 class _Staging:
     """One thread's reusable buffers (grown by doubling)."""
 
@@ -198,6 +231,7 @@ class PreadRowStore:
         direct: read with O_DIRECT (no page cache; see the module doc).
         advise: announce a request's missing rows with POSIX_FADV_WILLNEED before reading them.
         coalesce_gap: rows this far apart (or closer) share one read; 0 = only adjacent rows.
+        kernel: read through the C kernel when it is built (False: the Python loop, for tests).
     """
 
     def __init__(
@@ -213,6 +247,7 @@ class PreadRowStore:
         direct: bool = False,
         advise: bool = True,
         coalesce_gap: int = 0,
+        kernel: bool = True,
     ) -> None:
         _check_host()
         if not out_dtype.is_floating_point:
@@ -252,6 +287,7 @@ class PreadRowStore:
             self._close_fds()
             raise
         self._nowait = bool(_NOWAIT) and not self._direct
+        self._kernel = _load_kernel() if kernel else None
         self._local = threading.local()
         self._stats_lock = threading.Lock()
         self._stats = ReadStats()
@@ -333,6 +369,11 @@ class PreadRowStore:
         return self._threads
 
     @property
+    def uses_kernel(self) -> bool:
+        """Whether reads go through the C kernel (one GIL release per request)."""
+        return self._kernel is not None
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
@@ -398,44 +439,31 @@ class PreadRowStore:
         want_scales = scales and h.scale_nbytes > 0
         t0 = time.perf_counter()
         if self._direct:
-            spans = self._direct_spans(plan)
-            st = self._staging(int(spans[-1][2] + spans[-1][1]) if spans else 0, 4 * K)
-            jobs = spans
+            jobs = self._direct_spans(plan)
+            data_nbytes = int(jobs.at[-1] + jobs.size[-1]) if K else 0
         else:
-            st = self._staging(K * rb, 4 * K if want_scales else 0)
-            jobs = [
-                (h.data_offset + f * rb, n * rb, d * rb)
-                for f, n, d in zip(
-                    plan.first.tolist(), plan.nrows.tolist(), plan.dest.tolist(), strict=True
-                )
-            ]
-        view = memoryview(st.data)
-        counts = self._run_jobs(self._dfd if self._direct else self._fd, view, jobs)
-        sread = 0
+            jobs = _Jobs(h.data_offset + plan.first * rb, plan.nrows * rb, plan.dest * rb)
+            data_nbytes = K * rb
+        st = self._staging(data_nbytes, 4 * K if want_scales else 0)
+        assert st.data_t is not None
+        reads, cached = self._run_jobs(self._dfd if self._direct else self._fd, st.data_t, jobs)
+        nbytes = int(jobs.size.sum())
         if want_scales:
-            sjobs = [
-                (h.scale_offset + 4 * f, 4 * n, 4 * d)
-                for f, n, d in zip(
-                    plan.first.tolist(), plan.nrows.tolist(), plan.dest.tolist(), strict=True
-                )
-            ]
-            assert st.scale is not None
-            sc = self._run_jobs(self._fd, memoryview(st.scale), sjobs)
-            counts = (counts[0] + sc[0], counts[1] + sc[1])
-            sread = 4 * K
+            assert st.scale_t is not None
+            sjobs = _Jobs(h.scale_offset + 4 * plan.first, 4 * plan.nrows, 4 * plan.dest)
+            sr, sc = self._run_jobs(self._fd, st.scale_t, sjobs)
+            reads, cached, nbytes = reads + sr, cached + sc, nbytes + 4 * K
         elapsed = time.perf_counter() - t0
-        nbytes = sum(j[1] for j in jobs) + sread
         with self._stats_lock:
             s = self._stats
             s.gathers += 1
             s.rows_served += plan.index.size
             s.rows_read += plan.unique
             s.rows_staged += K
-            s.reads += counts[0]
-            s.cached_reads += counts[1]
+            s.reads += reads
+            s.cached_reads += cached
             s.bytes_read += nbytes
             s.read_time_s += elapsed
-        assert st.data_t is not None
         if self._direct:
             data = self._cut_direct(st.data_t, plan, jobs)  # (K, dim)
         else:
@@ -446,42 +474,79 @@ class PreadRowStore:
             scale = st.scale_t[: 4 * K].view(torch.float32)  # (K,)
         return data, scale
 
-    def _direct_spans(self, plan: _Plan) -> list[tuple[int, int, int]]:
-        """O_DIRECT reads: (aligned offset, aligned length, staging byte offset) per read."""
+    def _direct_spans(self, plan: _Plan) -> _Jobs:
+        """O_DIRECT reads: each read widened to whole aligned blocks, packed in the staging."""
         h, rb, a = self._header, self._row_nbytes, self._align
-        out, pos = [], 0
-        for f, n in zip(plan.first.tolist(), plan.nrows.tolist(), strict=True):
-            lo = h.data_offset + f * rb
-            start = lo // a * a
-            stop = -(-(lo + n * rb) // a) * a
-            out.append((start, stop - start, pos))
-            pos += stop - start
-        return out
+        lo = h.data_offset + plan.first * rb  # (N,)
+        start = lo // a * a
+        size = -(-(lo + plan.nrows * rb) // a) * a - start
+        at = np.zeros_like(size)
+        np.cumsum(size[:-1], out=at[1:])
+        return _Jobs(start, size, at)
 
-    def _cut_direct(self, buf: Tensor, plan: _Plan, spans: list[tuple[int, int, int]]) -> Tensor:
+    def _cut_direct(self, buf: Tensor, plan: _Plan, spans: _Jobs) -> Tensor:
         """The staged rows (K, dim) cut out of the aligned spans in `buf` (uint8)."""
         h, rb = self._header, self._row_nbytes
         K = plan.staged
         if K == 0:
             return torch.empty(0, h.dim, dtype=self._storage)
-        span_pos = np.array([s[2] for s in spans], dtype=np.int64)
-        skew = h.data_offset + plan.first * rb - np.array([s[0] for s in spans], dtype=np.int64)
-        base = np.repeat(span_pos + skew, plan.nrows)  # (K,) byte where each read's rows start
+        skew = h.data_offset + plan.first * rb - spans.off  # (N,) row bytes into each span
+        base = np.repeat(spans.at + skew, plan.nrows)  # (K,) byte where each read's rows start
         within = np.arange(K, dtype=np.int64) - np.repeat(plan.dest, plan.nrows)
         starts = torch.from_numpy(base + within * rb)  # (K,)
         idx = starts[:, None] + torch.arange(rb)  # (K, rb)
         return buf[idx.reshape(-1)].view(self._storage).view(K, h.dim)
 
     # ------------------------------------------------------------------ I/O
-    def _run_jobs(
-        self, fd: int, view: memoryview, jobs: list[tuple[int, int, int]]
-    ) -> tuple[int, int]:
-        """Read every (file offset, nbytes, buffer offset) job into `view`: (reads, cached)."""
+    def _run_jobs(self, fd: int, buf: Tensor, jobs: _Jobs) -> tuple[int, int]:
+        """Read every job into `buf` (a uint8 staging tensor): (reads issued, served cached)."""
+        n = jobs.off.size
+        if n == 0:
+            return 0, 0
+        k = min(self._threads + 1, n) if self._pool is not None else 1
+        if k == 1:
+            return self._read_part(fd, buf, jobs)
+        parts = [_Jobs(*(np.ascontiguousarray(x[i::k]) for x in jobs)) for i in range(k)]
+        futures = [self._pool.submit(self._read_part, fd, buf, p) for p in parts[1:]]  # type: ignore[union-attr]
+        counts = [self._read_part(fd, buf, parts[0])] + [f.result() for f in futures]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+    def _read_part(self, fd: int, buf: Tensor, jobs: _Jobs) -> tuple[int, int]:
+        kernel = self._kernel
+        if kernel is None:
+            return self._read_part_py(fd, memoryview(buf.numpy()), jobs)
+        n = jobs.off.size
+        off, size, at = (np.ascontiguousarray(x, dtype=np.int64) for x in jobs)
+        counts = np.zeros(3, dtype=np.int64)
+        scratch = np.empty(n, dtype=np.int64)
+        flags = (1 if self._nowait else 0) | (2 if self.advise and not self._direct else 0)
+        eof = self._header.file_nbytes if self._direct else 1 << 62
+        rc = kernel(
+            fd, n, off.ctypes.data, size.ctypes.data, at.ctypes.data, buf.data_ptr(), flags, eof,
+            counts.ctypes.data, scratch.ctypes.data,
+        )  # fmt: skip
+        if counts[2]:
+            self._nowait = False
+        if rc == 1:
+            raise self._truncated()
+        if rc < 0:
+            raise OSError(-rc, f"reading rows of {self._path}: {os.strerror(-rc)}")
+        return int(counts[0]), int(counts[1])
+
+    def _truncated(self) -> TableFileError:
+        return TableFileError(
+            f"table file {self._path} ended early while reading rows: it was truncated after it "
+            "was opened"
+        )
+
+    def _read_part_py(self, fd: int, view: memoryview, jobs: _Jobs) -> tuple[int, int]:
+        """The same phases as the C kernel (_preadkernel.c), one syscall per row in Python."""
         reads = cached = 0
-        pending = jobs
-        if self._nowait and jobs:
+        triples = list(zip(jobs.off.tolist(), jobs.size.tolist(), jobs.at.tolist(), strict=True))
+        pending = triples
+        if self._nowait:
             pending = []
-            for off, nb, at in jobs:
+            for off, nb, at in triples:
                 try:
                     n = os.preadv(fd, [view[at : at + nb]], off, _NOWAIT)
                 except BlockingIOError:
@@ -490,7 +555,7 @@ class PreadRowStore:
                     if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                         raise
                     self._nowait = False
-                    pending = jobs
+                    pending = triples
                     break
                 if n:
                     reads += 1
@@ -504,31 +569,17 @@ class PreadRowStore:
             with contextlib.suppress(OSError):
                 for off, nb, _ in pending:
                     os.posix_fadvise(fd, off, nb, os.POSIX_FADV_WILLNEED)
-        if self._pool is not None and len(pending) > 1:
-            k = min(self._threads + 1, len(pending))
-            parts = [pending[i::k] for i in range(k)]
-            futures = [self._pool.submit(self._blocking_reads, fd, view, p) for p in parts[1:]]
-            reads += self._blocking_reads(fd, view, parts[0])
-            reads += sum(f.result() for f in futures)
-        else:
-            reads += self._blocking_reads(fd, view, pending)
-        return reads, cached
-
-    def _blocking_reads(self, fd: int, view: memoryview, jobs: list[tuple[int, int, int]]) -> int:
-        reads = 0
-        for off, nb, at in jobs:
+        eof = self._header.file_nbytes if self._direct else 1 << 62
+        for off, nb, at in pending:
             while nb:
                 n = os.preadv(fd, [view[at : at + nb]], off)
-                if n <= 0 and off >= self._header.file_nbytes and self._direct:
+                if n <= 0 and off >= eof:
                     break  # an aligned O_DIRECT span past the end of the file: not needed
                 if n <= 0:
-                    raise TableFileError(
-                        f"table file {self._path} ended at byte {off} while reading rows: it was "
-                        "truncated after it was opened"
-                    )
+                    raise self._truncated()
                 reads += 1
                 off, nb, at = off + n, nb - n, at + n
-        return reads
+        return reads, cached
 
     def read_range(self, start: int, stop: int) -> Tensor:
         """Rows [start, stop) as (stop - start, dim) `out_dtype`, read sequentially."""
