@@ -204,7 +204,9 @@ def test_plan_reads_sorts_dedups_and_coalesces() -> None:
     for gap in (0, 1):
         p = plan_reads(flat, gap)
         assert p.unique == 5
-        staged = np.concatenate([np.arange(f, f + n) for f, n in zip(p.first, p.nrows)])
+        staged = np.concatenate(
+            [np.arange(f, f + n) for f, n in zip(p.first, p.nrows, strict=True)]
+        )
         assert (staged[p.index] == flat).all() and p.staged == staged.size
     p = plan_reads(flat, 0)
     assert p.first.tolist() == [3, 9, 20] and p.nrows.tolist() == [3, 1, 1]
@@ -230,7 +232,7 @@ def test_concurrent_gathers_from_several_threads(tmp_path: Path) -> None:
                     n = int(torch.randint(1, 400, (1,), generator=gen))
                     ids = torch.randint(0, NUM_ROWS, (n,), generator=gen)
                     assert torch.equal(rd.gather(ids), ram[ids])
-            except BaseException as e:  # noqa: BLE001 - reported below
+            except BaseException as e:  # reported below
                 errors.append(e)
 
         threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
