@@ -17,8 +17,14 @@ Design choices:
   an export made on first use into `<run>/tables/<checkpoint>-<dtype>/` (atomic, reused later).
   Every file is opened with the checkpoint's hash fingerprint, so a table exported from another
   configuration is refused.
-- `reader` picks how the file is read (see `READERS` and docs/serving.md for the measurements
-  behind the default); both return bit-identical rows, so generation does not depend on it.
+- `reader` picks how the file is read; both readers return bit-identical rows, so generation
+  does not depend on it. The default, "auto", maps a table that the page cache can hold (at most
+  `AUTO_PREAD_RAM_FRACTION` of physical memory) and reads rows with pread from a larger one.
+  Measured (docs/serving.md, benchmarks/RESULTS.md): from the page cache a mapped gather is one
+  `index_select` (~10 us for a decode step's 32 rows) against a syscall per row for pread (~1-4
+  us each); once rows come from the disk, pread reads only the rows (nothing enters the
+  process's resident set), issues a request's reads together without the GIL (C kernel), while
+  the mapped path advises each page with the GIL held and then faults the pages in.
 - One `Prefetcher` thread serves all layers; `ServedModel.close()` (or `with`) shuts it down and
   closes the files.
 """
@@ -43,7 +49,8 @@ from engram.store.tables import table_file_name
 from engram.train import RunParts, load_trained
 
 STORES = ("ram", "mmap")
-READERS = ("mmap", "pread")  # how a table file is read: memory map, or row-by-row preadv
+READERS = ("auto", "mmap", "pread")  # how a table file is read (see the module doc)
+AUTO_PREAD_RAM_FRACTION = 0.5  # "auto": pread for a table file larger than this share of RAM
 WILLNEED_MAX = 4096  # rows per request advised to the kernel up front (a decode step reads B*H)
 
 
@@ -78,8 +85,9 @@ class TierConfig:
     # Tell the kernel a step's pages up front (MADV_WILLNEED) so cold reads go out together.
     willneed: bool = True
     # How table files are read (store="mmap"): "mmap" (memory map, the kernel pages rows in
-    # 4 KiB at a time) or "pread" (exactly the requested rows, engram.store.pread).
-    reader: str = "mmap"
+    # 4 KiB at a time), "pread" (exactly the requested rows, engram.store.pread), or "auto"
+    # (pread for a file larger than AUTO_PREAD_RAM_FRACTION of physical memory, else mmap).
+    reader: str = "auto"
     # pread reader: threads doing the blocking reads of one request (0 = the calling thread,
     # which already has a request's reads in flight through POSIX_FADV_WILLNEED).
     reader_threads: int = 0
@@ -93,8 +101,11 @@ class TierConfig:
             raise ValueError(f"reader must be one of {list(READERS)}, got {self.reader!r}")
         if self.reader_threads < 0:
             raise ValueError(f"reader_threads must be >= 0, got {self.reader_threads}")
-        if (self.direct or self.reader_threads) and self.reader != "pread":
-            raise ValueError("direct and reader_threads apply to reader='pread' only")
+        if (self.direct or self.reader_threads) and self.reader == "mmap":
+            raise ValueError(
+                "direct and reader_threads are options of the pread reader: give reader='pread' "
+                "(or 'auto'), not 'mmap'"
+            )
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"table dtype must be one of {list(DTYPE_CODES)}, got {self.dtype!r}")
         if self.cache_rows < 0 or self.cache_bytes < 0:
@@ -160,9 +171,23 @@ def table_files(ckpt: Checkpoint, tier: TierConfig) -> dict[int, Path]:
     return files
 
 
+def resolve_reader(tier: TierConfig, path: Path) -> str:
+    """ "mmap" or "pread": the tier's reader, with "auto" decided by the file's size against RAM
+    (pread whenever the pread-only options `direct`/`reader_threads` are set)."""
+    if tier.reader != "auto":
+        return tier.reader
+    if tier.direct or tier.reader_threads:
+        return "pread"
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not reported: assume the table fits
+        return "mmap"
+    return "pread" if path.stat().st_size > AUTO_PREAD_RAM_FRACTION * ram else "mmap"
+
+
 def open_table(path: Path, tier: TierConfig, fingerprint: str | None) -> RowStore:
     """The innermost store of a disk tier: the table file at `path`, read as `tier.reader` says."""
-    if tier.reader == "pread":
+    if resolve_reader(tier, path) == "pread":
         return PreadRowStore(
             path, expected_fingerprint=fingerprint, verify=tier.verify, check_bounds=False,
             threads=tier.reader_threads, direct=tier.direct,

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from engram import serving
 from engram.generate import generate
-from engram.serving import TierConfig, load_served
+from engram.serving import TierConfig, load_served, resolve_reader
 from engram.store import (
     CachedRowStore,
     MmapRowStore,
@@ -341,7 +342,19 @@ def test_generation_with_the_reader_is_bit_identical_to_ram(run: Path, tier: Tie
 def test_tier_config_checks_the_reader() -> None:
     with pytest.raises(ValueError, match="reader must be one of"):
         TierConfig(store="mmap", reader="uring")
-    with pytest.raises(ValueError, match="reader='pread' only"):
+    with pytest.raises(ValueError, match="options of the pread reader"):
         TierConfig(store="mmap", reader="mmap", direct=True)
     with pytest.raises(ValueError, match="reader_threads"):
         TierConfig(store="mmap", reader="pread", reader_threads=-1)
+
+
+def test_auto_reader_maps_tables_that_fit_and_preads_larger_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _table(tmp_path, "float32")
+    assert resolve_reader(TierConfig(store="mmap"), path) == "mmap"  # default "auto", small file
+    assert resolve_reader(TierConfig(store="mmap", direct=True), path) == "pread"
+    assert resolve_reader(TierConfig(store="mmap", reader="pread"), path) == "pread"
+    monkeypatch.setattr(serving, "AUTO_PREAD_RAM_FRACTION", 1e-12)  # "larger than RAM"
+    assert resolve_reader(TierConfig(store="mmap"), path) == "pread"
+    assert resolve_reader(TierConfig(store="mmap", reader="mmap"), path) == "mmap"
