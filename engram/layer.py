@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,53 @@ _SIGNED_SQRT_FLOOR = 1e-6
 def signed_sqrt(s: Tensor) -> Tensor:
     """sign(s) * sqrt(max(|s|, 1e-6)), exactly the demo's `gate.abs().clamp_min(1e-6).sqrt() * gate.sign()`."""
     return s.abs().clamp_min(_SIGNED_SQRT_FLOOR).sqrt() * s.sign()
+
+
+class _CausalDepthwiseConv(torch.autograd.Function):
+    """y[b, t, c] = sum_k w[c, k] * xs[b, t + k*dilation, c]: a depthwise dilated Conv1d on a
+    channels-last input, as K shifted multiply-adds.
+
+    Equal to `F.conv1d(xs.transpose(1, 2), w, dilation=dilation, groups=C).transpose(1, 2)` up
+    to float rounding (the same products, summed in tap order). It exists for speed on CPU:
+    PyTorch's depthwise conv1d transposes to channels-first and back and its backward is a
+    generic convolution backward (measured 4.7 ms vs 2.3 ms forward + backward for the demo's
+    16 x 128 x 128 layer); here every op reads contiguous (T, C) slabs, the backward is K more
+    multiply-adds for the input and K products summed over (B, T) for the weight, and each
+    output position depends only on its own window, so chunked calls give the full call's bits.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, xs: Tensor, weight: Tensor, dilation: int) -> Tensor:  # type: ignore[override]
+        # xs (B, W+T, C), weight (C, 1, K) -> y (B, T, C)
+        K = weight.shape[-1]
+        T = xs.shape[1] - (K - 1) * dilation
+        taps = weight[:, 0, :].t()  # (K, C)
+        y = xs[:, :T] * taps[0]
+        for k in range(1, K):
+            y.addcmul_(xs[:, k * dilation : k * dilation + T], taps[k])
+        ctx.save_for_backward(xs, weight)
+        ctx.dilation = dilation
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        xs, weight = ctx.saved_tensors
+        dilation = ctx.dilation
+        K, T = weight.shape[-1], grad.shape[1]
+        taps = weight[:, 0, :].t()  # (K, C)
+        grad_xs = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_xs = xs.new_zeros(xs.shape)  # (B, W+T, C)
+            for k in range(K):
+                grad_xs[:, k * dilation : k * dilation + T].addcmul_(grad, taps[k])
+        if ctx.needs_input_grad[1]:
+            g2 = grad.reshape(-1, grad.shape[-1])  # (B*T, C)
+            cols = [
+                (g2 * xs[:, k * dilation : k * dilation + T].reshape(g2.shape)).sum(0)
+                for k in range(K)
+            ]  # K x (C,)
+            grad_w = torch.stack(cols, dim=1).unsqueeze(1)  # (C, 1, K)
+        return grad_xs, grad_w, None
 
 
 class ShortConv(nn.Module):
@@ -119,18 +166,20 @@ class ShortConv(nn.Module):
         """x (B, T, M, D), state (B, W, C) or None (zeros) -> (SiLU(conv(norm(x))) (B, T, M, D), new state)."""
         B, T, M, D = x.shape
         C, W = M * D, self.state_width
-        x_norm = torch.cat([self.norms[m](x[:, :, m, :]) for m in range(M)], dim=-1)  # (B, T, C)
+        if M == 1:
+            x_norm = self.norms[0](x.reshape(B, T, D))  # (B, T, C)
+        else:
+            x_norm = torch.cat([self.norms[m](x[:, :, m, :]) for m in range(M)], dim=-1)
         if state is None:
             state = x_norm.new_zeros(B, W, C)
         else:
             state = state.to(device=x_norm.device, dtype=x_norm.dtype)
         xs = torch.cat([state, x_norm], dim=1)  # (B, W+T, C)
-        y = F.conv1d(
-            xs.transpose(1, 2), self.conv.weight, dilation=self.dilation, groups=C
-        )  # (B, C, T)
+        weight = self.conv.weight.to(xs.dtype)  # (C, 1, K); a no-op outside autocast
+        y = _CausalDepthwiseConv.apply(xs, weight, self.dilation)  # (B, T, C)
         if self.activation:
             y = F.silu(y)
-        y = y.transpose(1, 2).reshape(B, T, M, D)  # (B, T, M, D)
+        y = y.view(B, T, M, D)  # (B, T, M, D)
         new_state = xs[:, xs.shape[1] - W :, :].contiguous()  # (B, W, C)
         return y, new_state
 

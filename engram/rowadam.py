@@ -9,6 +9,7 @@ layer importing the optimizer.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -55,3 +56,60 @@ def sparse_adam_rows(
     step_size = lr * math.sqrt(bc2) / bc1
     w_new = weight + (-step_size * numer.div_(denom))
     return w_new, m_new, v_new
+
+
+class RowSparseAdam(torch.optim.SparseAdam):
+    """`torch.optim.SparseAdam` whose step touches the gradient's rows only.
+
+    PyTorch's CPU SparseAdam reads and writes every row of the table on each step (its
+    `sparse_mask` gathers and its dense += sparse additions go through full-table passes), so a
+    step costs O(table) however few rows the batch touched (measured on the demo's 194,856 x 8
+    table: 7.9 ms per step, 6 of them in those passes). This subclass computes the same update,
+    operation for operation (`sparse_adam_rows`, same coalescing, same bits), on the touched
+    rows gathered with `index_select` and written back with `index_copy_`. State and
+    `state_dict` are SparseAdam's (keys `step`, `exp_avg`, `exp_avg_sq`), so checkpoints move
+    freely between the two.
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            maximize = group.get("maximize", False)
+            lr = float(group["lr"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError(
+                        "SparseAdam does not support dense gradients, please consider Adam instead"
+                    )
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                if p.dim() != 2 or p.grad.sparse_dim() != 1:
+                    raise ValueError(
+                        f"RowSparseAdam updates (rows, dim) tables with row-sparse gradients, got a "
+                        f"parameter of shape {tuple(p.shape)} with sparse_dim {p.grad.sparse_dim()}"
+                    )
+                grad = (-p.grad if maximize else p.grad).coalesce()
+                values = grad._values()  # (U, dim)
+                if values.numel() == 0:
+                    continue
+                rows = grad._indices()[0]  # (U,) sorted unique row ids
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                w_new, m_new, v_new = sparse_adam_rows(
+                    values, p.index_select(0, rows), m.index_select(0, rows),
+                    v.index_select(0, rows), state["step"], lr, (beta1, beta2), group["eps"],
+                )  # fmt: skip
+                m.index_copy_(0, rows, m_new)
+                v.index_copy_(0, rows, v_new)
+                p.index_copy_(0, rows, w_new)
+        return loss

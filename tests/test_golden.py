@@ -39,9 +39,11 @@ def _configs() -> dict[str, RunConfig]:
 # fmt: off
 GOLDEN: dict[str, list[float]] = {
     # Recorded after the Engram numerics were pinned to the reference (gate norms' epsilon,
-    # key projections' init; docs/numerics.md).
+    # key projections' init; docs/numerics.md). tiny-engram's step 8 moved by one float32 ulp
+    # when the short conv became shifted multiply-adds (engram.layer): its forward gives
+    # F.conv1d's bits, its weight gradient sums the (B, T) products in another order.
     "tiny-moe": [10.823507308959961, 10.819307327270508, 10.821693420410156, 10.815109252929688, 10.768303871154785, 10.776989936828613, 10.775589942932129, 10.749617576599121],
-    "tiny-engram": [10.816550254821777, 10.819684028625488, 10.791815757751465, 10.731228828430176, 10.738378524780273, 10.60097599029541, 10.557100296020508, 10.585885047912598],
+    "tiny-engram": [10.816550254821777, 10.819684028625488, 10.791815757751465, 10.731228828430176, 10.738378524780273, 10.60097599029541, 10.557100296020508, 10.585886001586914],
     "tiny-engram-hc4": [10.839719772338867, 10.820819854736328, 10.789241790771484, 10.781551361083984, 10.683399200439453, 10.576844215393066, 10.498900413513184, 10.51688003540039],
 }
 # fmt: on

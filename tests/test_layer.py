@@ -324,6 +324,35 @@ def test_conv_state_shape_error() -> None:
         layer(hidden, rows, conv_state=torch.zeros(2, 8, 64))
 
 
+@pytest.mark.parametrize(
+    ("B", "T", "C", "K", "dil"),
+    [(2, 5, 6, 4, 2), (3, 7, 4, 1, 1), (2, 9, 8, 3, 4), (1, 1, 5, 4, 3), (16, 128, 128, 4, 3)],
+)
+def test_short_conv_equals_conv1d_forward_and_backward(
+    B: int, T: int, C: int, K: int, dil: int
+) -> None:
+    """The shifted multiply-add conv (engram.layer._CausalDepthwiseConv) is F.conv1d's causal
+    depthwise dilated conv: the same forward and gradients within float32 rounding."""
+    from engram.layer import _CausalDepthwiseConv
+
+    gen = torch.Generator().manual_seed(B * 1000 + T)
+    xs = torch.randn(B, (K - 1) * dil + T, C, generator=gen, requires_grad=True)
+    w = torch.randn(C, 1, K, generator=gen, requires_grad=True)
+    g = torch.randn(B, T, C, generator=gen)
+    ref = F.conv1d(xs.transpose(1, 2), w, dilation=dil, groups=C).transpose(1, 2)
+    ref_x, ref_w = torch.autograd.grad(ref, (xs, w), g)
+    out = _CausalDepthwiseConv.apply(xs, w, dil)
+    out_x, out_w = torch.autograd.grad(out, (xs, w), g)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_x, ref_x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_w, ref_w, rtol=1e-5, atol=1e-4)
+    if B * T * C <= 64:  # the analytic backward against finite differences, in float64
+        xs64, w64 = xs.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda a, b: _CausalDepthwiseConv.apply(a, b, dil), (xs64, w64)
+        )
+
+
 # --------------------------------------------------------------------------------------- training
 def test_sparse_gradient_only_used_rows() -> None:
     layer = make_layer(4)

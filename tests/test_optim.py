@@ -161,3 +161,43 @@ def test_dense_gradient_table_frozen_and_state_round_trip():
     again = build_optimizer(layer, OptimConfig())
     again.load_state_dict(opt.state_dict())
     assert [g.get("table", False) for g in again.dense.param_groups] == [False, False, True]
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_row_sparse_adam_is_sparse_adam_bit_for_bit(maximize: bool) -> None:
+    """RowSparseAdam (the tables' optimizer) gives torch.optim.SparseAdam's rows and moments
+    exactly, with duplicate rows in a batch and rows left untouched, and the same state_dict."""
+    import torch.nn.functional as F
+
+    from engram.rowadam import RowSparseAdam
+
+    gen = torch.Generator().manual_seed(0)
+    init = torch.randn(500, 8, generator=gen)
+    ref, row = nn.Parameter(init.clone()), nn.Parameter(init.clone())
+    kw = dict(lr=0.05, betas=(0.9, 0.95), eps=1e-8, maximize=maximize)
+    opts = [(ref, torch.optim.SparseAdam([ref], **kw)), (row, RowSparseAdam([row], **kw))]
+    for _ in range(12):
+        ids = torch.randint(0, 300, (16, 9), generator=gen)  # rows 300.. never touched
+        g = torch.randn(16, 9, 8, generator=gen)
+        for p, opt in opts:
+            (F.embedding(ids, p, sparse=True) * g).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert torch.equal(ref, row)
+    assert torch.equal(row[300:], init[300:])
+    a, b = opts[0][1].state_dict(), opts[1][1].state_dict()
+    assert a["param_groups"] == b["param_groups"] and a["state"][0]["step"] == b["state"][0]["step"]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(a["state"][0][key], b["state"][0][key])
+    fresh = RowSparseAdam([nn.Parameter(init.clone())], **kw)
+    fresh.load_state_dict(a)  # a SparseAdam checkpoint continues in RowSparseAdam
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], a["state"][0]["exp_avg"])
+
+
+def test_row_sparse_adam_refuses_dense_gradients() -> None:
+    from engram.rowadam import RowSparseAdam
+
+    p = nn.Parameter(torch.zeros(4, 2))
+    p.grad = torch.ones(4, 2)
+    with pytest.raises(RuntimeError, match="does not support dense gradients"):
+        RowSparseAdam([p]).step()
