@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -358,3 +359,20 @@ def test_auto_reader_maps_tables_that_fit_and_preads_larger_ones(
     monkeypatch.setattr(serving, "AUTO_PREAD_RAM_FRACTION", 1e-12)  # "larger than RAM"
     assert resolve_reader(TierConfig(store="mmap"), path) == "pread"
     assert resolve_reader(TierConfig(store="mmap", reader="mmap"), path) == "mmap"
+
+
+@pytest.mark.usefixtures("one_thread", "analysis_env")
+def test_cli_generate_picks_the_reader(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from engram.cli import main
+
+    argv = ["generate", "--ckpt", str(run), "--prompt", "In the beginning", "--store", "mmap",
+            "--max-new-tokens", "4", "--temperature", "0", "--json", "--prefill-chunk", "2"]  # fmt: skip
+    assert main([*argv, "--reader", "mmap"]) == 0
+    ref = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--reader", "pread", "--reader-threads", "2"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert ref["tiers"]["1"]["reader"]["kind"] == "MmapRowStore"
+    assert got["tiers"]["1"]["reader"]["kind"] == "PreadRowStore"
+    assert got["tiers"]["1"]["reader"]["bytes_read"] > 0
+    assert got["outputs"] == ref["outputs"]  # greedy: the same text from either reader
+    assert 0.0 <= got["rows"]["decode"]["hidden_fraction"] <= 1.0

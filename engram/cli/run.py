@@ -190,7 +190,8 @@ def _tier(args: argparse.Namespace):  # -> TierConfig
     return TierConfig(
         store=args.store, tables=args.tables, dtype=args.table_dtype, cache_rows=args.cache_rows,
         cache_bytes=int(args.cache_mib * 2**20), prefetch=not args.no_prefetch,
-        verify=args.verify_table,
+        verify=args.verify_table, reader=args.reader, reader_threads=args.reader_threads,
+        direct=args.direct_io,
     )  # fmt: skip
 
 
@@ -200,8 +201,13 @@ def _print_generated(args, prompts: list[str], texts: list[str], res, stats: dic
         print()
     line = f"[{tier.store}] {res.tokens_per_s:.1f} tokens/s decoding, prefill {res.prefill_s:.2f} s"
     for lid, rec in stats.items():
+        if "reader" in rec:
+            line += f"; layer {lid} read by {rec['reader']['kind']}"
         if "cache" in rec:
             line += f"; layer {lid} cache hit rate {rec['cache']['hit_rate']:.1%}"
+    decode = res.stats.get("rows", {}).get("decode")
+    if decode and decode["read_s"] > 0:
+        line += f"; row reads {decode['hidden_fraction']:.0%} hidden behind compute"
     print(line, file=sys.stderr)
 
 
@@ -219,6 +225,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             temperature=args.temperature, top_k=args.top_k,
             top_p=None if args.top_p == 1.0 else args.top_p, seed=args.seed,
             eos_id=None if args.no_stop else parts.eot_id,
+            prefill_chunk=args.prefill_chunk or None,
         )  # fmt: skip
         texts = [parts.tokenizer.decode(t) for t in res.tokens]
         stats = served.stats()
@@ -232,6 +239,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         "prefill_s": res.prefill_s,
         "decode_s": res.decode_s,
         "decode_tokens_per_s": res.tokens_per_s,
+        "rows": res.stats.get("rows"),
         "tiers": stats,
     }
     print(json.dumps(report, indent=1))
@@ -324,6 +332,16 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gn.add_argument("--cache-mib", type=finite_float(0.0), default=0,
                     help="or the cache size per Engram layer in MiB of rows (mmap)")  # fmt: skip
     gn.add_argument("--no-prefetch", action="store_true", help="no background row prefetch")
+    gn.add_argument("--reader", choices=["auto", "mmap", "pread"], default="auto",
+                    help="how table files are read (mmap): memory-mapped, or exactly the rows "
+                    "with pread; auto = pread for a file larger than half the RAM (default)")  # fmt: skip
+    gn.add_argument("--reader-threads", type=nonneg_int, default=0,
+                    help="pread reader: threads for a request's blocking reads (default 0)")  # fmt: skip
+    gn.add_argument("--direct-io", action="store_true",
+                    help="pread reader: O_DIRECT, bypassing the page cache")  # fmt: skip
+    gn.add_argument("--prefill-chunk", type=nonneg_int, default=0,
+                    help="feed prompts in chunks of N tokens, reading the next chunk's rows while "
+                    "one computes (default 0 = the whole prompt at once)")  # fmt: skip
     gn.add_argument("--verify-table", action="store_true",
                     help="verify the table file's data checksum when opening: reads the whole "
                     "file once")  # fmt: skip
