@@ -472,3 +472,18 @@ def test_store_without_compaction_budget_copies_in_full(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(ValueError, match="compact_fraction"):
         DiskTrainedStore(tmp_path / "w", 1, compact_fraction=1.5)
+
+
+def test_export_and_serving_of_a_delta_checkpoint(runs, tmp_path: Path) -> None:
+    """`table export` and serving from the table file read a chain's table, bit for bit the
+    trained one (engram.export and engram.serving find the file through `table_file`)."""
+    from engram.export import export_tables, read_tables
+    from engram.serving import TierConfig, load_served
+
+    run = _chain_ckpt(runs, tmp_path)
+    expected = _table(runs["deltas"])
+    files = export_tables(run, tmp_path / "tables")
+    assert torch.equal(read_tables(files)[1], expected)
+    with load_served(run, TierConfig(store="mmap", prefetch=False)) as served:
+        store = served.parts.model.engram_layers()[1].store
+        assert torch.equal(store.gather(torch.arange(store.num_rows)), expected)
