@@ -376,3 +376,13 @@ def test_cli_generate_picks_the_reader(run: Path, capsys: pytest.CaptureFixture[
     assert got["tiers"]["1"]["reader"]["bytes_read"] > 0
     assert got["outputs"] == ref["outputs"]  # greedy: the same text from either reader
     assert 0.0 <= got["rows"]["decode"]["hidden_fraction"] <= 1.0
+
+
+def test_mmap_release_pages_keeps_the_rows(tmp_path: Path) -> None:
+    path = _table(tmp_path, "float32")
+    ids = _ids()
+    with MmapRowStore(path) as mm:
+        want = mm.gather(ids)
+        mm.release_pages()
+        assert torch.equal(mm.gather(ids), want)
+        assert mm.stats().gathers == 2 and mm.stats().rows_served == 2 * ids.numel()

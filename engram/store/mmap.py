@@ -250,6 +250,16 @@ class MmapRowStore:
             for p in pages:
                 madvise(mmap.MADV_WILLNEED, p * page, page)
 
+    def release_pages(self) -> None:
+        """Unmap the pages this store has touched (MADV_DONTNEED): they leave the process's
+        resident set (RssFile) and the kernel may evict them from the page cache; later gathers
+        fault them in again. Written rows are not lost (the map is shared with the file)."""
+        self._check_open("release_pages")
+        madvise = getattr(self._mm, "madvise", None)
+        if madvise is not None:
+            with self._lock:
+                madvise(mmap.MADV_DONTNEED)
+
     def read_range(self, start: int, stop: int) -> Tensor:
         """Rows [start, stop) as (stop - start, dim) `out_dtype`, read sequentially from the file
         (kernel read-ahead), for scans such as exports and checkpoint copies."""
