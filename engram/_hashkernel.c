@@ -264,7 +264,8 @@ AVX2_TARGET static void mod_block_avx2(const uint64_t *mix, int64_t nb, const in
             const int64_t sm = (int64_t)mix[i];
             const double x = (double)sm;
             for (int64_t k = k0; k < K; k++)
-                o[i * H + k] = narrow ? mod_narrow(sm, x, p[k], ip[k]) : mod_wide(sm, x, p[k], ip[k]);
+                o[i * H + k] =
+                    narrow ? mod_narrow(sm, x, p[k], ip[k]) : mod_wide(sm, x, p[k], ip[k]);
         }
 }
 
