@@ -202,7 +202,10 @@ def resolve_path(path: str | None = None) -> str:
         )
     if name not in available:
         if not kernel_available():
-            why = "the compiled kernel (engram._hashkernel), which is not built"
+            why = (
+                "the compiled kernel (engram._hashkernel), which is not built or is out of date "
+                "(rebuild it: pip install -e . or python setup.py build_ext --inplace)"
+            )
         elif name in _PATH_NEEDS:
             why = f"a CPU with {_PATH_NEEDS[name]}, which this one lacks"
         else:
