@@ -18,13 +18,14 @@ Design choices:
   Every file is opened with the checkpoint's hash fingerprint, so a table exported from another
   configuration is refused.
 - `reader` picks how the file is read; both readers return bit-identical rows, so generation
-  does not depend on it. The default, "auto", maps a table that the page cache can hold (at most
-  `AUTO_PREAD_RAM_FRACTION` of physical memory) and reads rows with pread from a larger one.
-  Measured (docs/serving.md, benchmarks/RESULTS.md): from the page cache a mapped gather is one
-  `index_select` (~10 us for a decode step's 32 rows) against a syscall per row for pread (~1-4
-  us each); once rows come from the disk, pread reads only the rows (nothing enters the
-  process's resident set), issues a request's reads together without the GIL (C kernel), while
-  the mapped path advises each page with the GIL held and then faults the pages in.
+  does not depend on it. The default stays "mmap", from measurements on the 2-core build machine
+  (docs/serving.md): from the page cache a mapped gather is one `index_select` (~12 us for a
+  decode step's 32 rows; ~90 us with the WILLNEED advice the tier uses) against one syscall per
+  row for pread (~120 us); rows that come from this machine's virtual disk cost both readers the
+  same (~150 us per never-read row: the device serves reads one at a time, so neither the
+  advice, nor threads, nor O_DIRECT overlap them), and both fetch 4 KiB of storage per missed
+  row. "pread" keeps the table out of the process's resident set and counts every byte it reads;
+  "auto" picks pread for a file larger than `AUTO_PREAD_RAM_FRACTION` of physical memory.
 - One `Prefetcher` thread serves all layers; `ServedModel.close()` (or `with`) shuts it down and
   closes the files.
 """
@@ -87,7 +88,7 @@ class TierConfig:
     # How table files are read (store="mmap"): "mmap" (memory map, the kernel pages rows in
     # 4 KiB at a time), "pread" (exactly the requested rows, engram.store.pread), or "auto"
     # (pread for a file larger than AUTO_PREAD_RAM_FRACTION of physical memory, else mmap).
-    reader: str = "auto"
+    reader: str = "mmap"
     # pread reader: threads doing the blocking reads of one request (0 = the calling thread,
     # which already has a request's reads in flight through POSIX_FADV_WILLNEED).
     reader_threads: int = 0
