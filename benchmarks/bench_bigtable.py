@@ -253,7 +253,7 @@ def main() -> None:
         st = inner.stats()
         served = st.rows_served
         line = (
-            f"  {r}: rows served by the reader {served:,} (cache misses), "
+            f"  {r}: rows served by the reader {served:,}, "
             f"/proc/self/io read_bytes {io_bytes[r] / 2**20:.1f} MiB = "
             f"{io_bytes[r] / max(served, 1):.0f} B per row served ({row_bytes} B rows)"
         )

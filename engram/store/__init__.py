@@ -2,7 +2,7 @@
 
 The Engram layer only calls `store.gather(global_rows)`; which tier served a row (RAM, mmap file,
 cache, prefetch, another rank) is the store's business. Tables persist as `.engt` table files
-(`tablefile`), which `MmapRowStore` serves zero-copy (`engram.export.export_tables` writes them from
+(`tablefile`), which `MmapRowStore` serves zero-copy and `PreadRowStore` row by row (`engram.export.export_tables` writes them from
 a checkpoint: the store package imports nothing above it).
 """
 
@@ -10,6 +10,7 @@ from engram.store.base import RowOutOfRangeError, RowStore, check_row_ids
 from engram.store.cache import CachedRowStore, CacheStats
 from engram.store.memory import MemoryRowStore
 from engram.store.mmap import MmapRowStore, create_table_file
+from engram.store.pread import PreadRowStore, ReadStats, proc_read_bytes
 from engram.store.prefetch import Prefetcher, PrefetchHandle, PrefetchingStore, PrefetchStats
 from engram.store.sharded import ExchangeStats, RowSharding, ShardedRowStore
 from engram.store.tablefile import (
@@ -32,10 +33,12 @@ __all__ = [
     "ExchangeStats",
     "MemoryRowStore",
     "MmapRowStore",
+    "PreadRowStore",
     "PrefetchHandle",
     "PrefetchStats",
     "Prefetcher",
     "PrefetchingStore",
+    "ReadStats",
     "RowOutOfRangeError",
     "RowSharding",
     "RowStore",
@@ -46,6 +49,7 @@ __all__ = [
     "create_table_file",
     "dequantize_int8",
     "describe_table",
+    "proc_read_bytes",
     "quantize_int8",
     "read_header",
     "read_table",
