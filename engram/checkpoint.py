@@ -262,8 +262,8 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        for t in (tables or {}).values():  # their next save builds on this checkpoint
-            t.mark_committed(final / TABLES_DIR)
+        for lid, t in (tables or {}).items():  # their next save builds on this checkpoint
+            t.mark_committed(final / TABLES_DIR, full["tables"][str(lid)])
     except OSError as e:  # a full disk, a read-only or vanished directory...
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write checkpoint {final}: {_cause(e)}") from e

@@ -141,7 +141,9 @@ class DiskTrainedStore:
         self._dirty = torch.zeros(w.num_rows, dtype=torch.bool)
         # The last committed checkpoint's tables directory and chain (None: a full base next).
         self._committed: tuple[Path, list[dict[str, Any]]] | None = None
-        self._staged: tuple[list[dict[str, Any]], Tensor] | None = None  # saved, not committed
+        # Saves not committed yet: {save number: (chain, the dirty rows it holds)}.
+        self._staged: dict[int, tuple[list[dict[str, Any]], Tensor]] = {}
+        self._saves = 0
         self._clone = True  # try copy-on-write clones until the filesystem refuses one
         self.last_save: dict[str, Any] | None = None
         self.saved_bytes = 0  # cumulative, over this store's saves
@@ -294,7 +296,8 @@ class DiskTrainedStore:
         A delta of the rows written since the last committed checkpoint (its files linked
         beside it), or a full base (see the module docstring for when). The record holds the
         step, the chain with each file's crc, the canonical `files` names and the `checkpoint`
-        report (also `last_save`). Call `mark_committed` once `dest` is committed.
+        report (also `last_save`) and the store's number for this save. Call `mark_committed`
+        once `dest` is committed.
         """
         t0 = time.perf_counter()
         dest = Path(dest)
@@ -334,26 +337,35 @@ class DiskTrainedStore:
             "chain_nbytes": sum(int(e["nbytes"]) for e in chain),
             "table_nbytes": self.table_nbytes,
         }
-        self._staged = (chain, rows)
+        self._saves += 1
+        self._staged[self._saves] = (chain, rows)
         self.last_save = report
         self.saved_bytes += int(written)
         self.saved_seconds += seconds
         return {
             "step": self.step_count,
+            "save": self._saves,
             "files": {p: part_file(self.layer_id, p) for p in PARTS},
             "chain": chain,
             "checkpoint": report,
         }
 
-    def mark_committed(self, tables_dir: str | os.PathLike[str]) -> None:
-        """The last `save` is now a committed checkpoint's tables in `tables_dir`: the next
-        save builds on it, and the rows it holds are no longer dirty."""
-        if self._staged is None:
-            raise RuntimeError("mark_committed without a save since the last commit")
-        chain, rows = self._staged
+    def mark_committed(
+        self, tables_dir: str | os.PathLike[str], record: Mapping[str, Any] | None = None
+    ) -> None:
+        """A save (the one that returned `record`; default the last) is now a committed
+        checkpoint's tables in `tables_dir`: the next save builds on it, and the rows it holds
+        are no longer dirty. Other uncommitted saves are forgotten."""
+        key = self._saves if record is None else int(record["save"])
+        if key not in self._staged:
+            raise RuntimeError(
+                f"mark_committed: save {key} of layer {self.layer_id} is not an uncommitted save "
+                f"of this store (uncommitted: {sorted(self._staged)})"
+            )
+        chain, rows = self._staged[key]
         self._committed = (Path(tables_dir), chain)
         self._dirty[rows] = False
-        self._staged = None
+        self._staged.clear()
 
     def _delta_fits(self, count: int) -> bool:
         """Whether a delta of `count` rows keeps the chain within the compaction bounds."""
