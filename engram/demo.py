@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -192,6 +193,45 @@ def format_summary(runs: Sequence[RunSummary], second_text: str | None = None) -
     )
 
 
+PHASES = (("wait_s", "data wait"), ("fwd_s", "forward"), ("bwd_s", "backward"),
+          ("opt_s", "optimizer"))  # fmt: skip
+
+
+def step_breakdown(run: RunSummary) -> dict[str, float] | None:
+    """Median seconds per step phase of a run, from its metrics.jsonl (`engram.train` records
+    `wait_s`, `fwd_s`, `bwd_s`, `opt_s`), and `other`, the median of what each step spent
+    outside them (learning-rate setting, loss read-out); None for a run recorded before the
+    phases were. Medians: the phases need not add up to the median step exactly."""
+    records = [r for r in read_metrics(run.out_dir / METRICS_FILE) if "step_s" in r]
+    records = records[1:] or records  # the first step pays one-off allocations, as step_s
+    if not records or any(key not in r for r in records for key, _ in PHASES):
+        return None
+    out = {key: statistics.median(r[key] for r in records) for key, _ in PHASES}
+    out["other"] = statistics.median(r["step_s"] - sum(r[k] for k, _ in PHASES) for r in records)
+    return out
+
+
+def format_breakdown(runs: Sequence[RunSummary]) -> list[str]:
+    """Median step phases (ms) per run and the Engram model's difference to the baseline."""
+    parts = [step_breakdown(r) for r in runs]
+    if any(p is None for p in parts):
+        return []
+    names = [r.name for r in runs]
+    head = ["phase (median ms)", *names, f"{names[1]} - {names[0]}"]
+    rows = [head]
+    for key, label in (*PHASES, ("other", "other")):
+        vals = [p[key] * 1000 for p in parts]  # type: ignore[index]
+        rows.append([label, *(f"{v:.1f}" for v in vals), f"{vals[1] - vals[0]:+.1f}"])
+    steps = [r.step_s * 1000 for r in runs]
+    rows.append(["step", *(f"{v:.1f}" for v in steps), f"{steps[1] - steps[0]:+.1f}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return [
+        f"{row[0]:<{widths[0]}}  "
+        + "  ".join(f"{c:>{w}}" for c, w in zip(row[1:], widths[1:], strict=True))
+        for row in rows
+    ]
+
+
 def gain_sentences(base: RunSummary, eng: RunSummary, ctl: RunSummary) -> list[str]:
     """How much of the Engram model's difference to the MoE comes from the table's content."""
     lines = []
@@ -262,6 +302,12 @@ def run_demo(
         f"(one seed; step time Engram vs MoE {speed:+.1%}; same total params, active params "
         f"within {abs(plan.active_gap):.2%}; seeds and every control: `engram ablate`)"
     )
+    breakdown = format_breakdown([base, eng, ctl])
+    if breakdown:
+        echo("where the step time goes (medians over each run's metrics.jsonl; "
+             "benchmarks/bench_train.py breakdown splits the Engram layer further):")  # fmt: skip
+        for line in breakdown:
+            echo("  " + line)
 
     loss_png = plot_loss_curves(
         {s.name: read_metrics(s.out_dir / METRICS_FILE) for s in (base, eng, ctl)},
@@ -294,6 +340,7 @@ def run_demo(
                 "no_information": ctl.to_dict(),
                 "second_text": second_text,
                 "gain": gain_sentences(base, eng, ctl),
+                "step_breakdown_s": {r.name: step_breakdown(r) for r in (base, eng, ctl)},
                 "gates": reading.to_dict(),
                 "sample": sample.to_dict(),
             },

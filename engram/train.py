@@ -17,7 +17,11 @@ Design choices:
   The model is initialised on the CPU (same init everywhere) and moved; the loader pins its
   batches when the device is CUDA so the copies are asynchronous; autocast follows the device.
 - Timing: `step_s` covers forward, backward and the optimizer step of one optimizer step
-  (including waiting for data); validation and checkpoint writes are excluded.
+  (including waiting for data); validation and checkpoint writes are excluded. Each record
+  splits it into `wait_s` (data), `fwd_s` (forward and loss), `bwd_s` (backward) and `opt_s`
+  (clipping, both optimizers, zeroing, router biases), so a step-time difference between two
+  runs can be traced to a phase from the run's own metrics (the demo prints it). On a GPU
+  these are host times (kernels are asynchronous) and only `step_s` is meaningful.
 - Shape (torchtitan's): a small `Trainer` (build, step, evaluate, save/resume) whose tier and
   distribution choices are applied from outside by one function, `place` (the tables in RAM,
   on disk or sharded over ranks; DDP and `torch.compile` on the dense model; see
@@ -510,26 +514,31 @@ class Trainer:
         t0 = time.perf_counter()
         lr_mult = lr_multiplier(step, tc.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
         self.opt.set_lr(lr_mult)
-        loss_sum = aux_sum = wait = 0.0
+        loss_sum = aux_sum = wait = fwd = bwd = 0.0
         before = placed.counters()
         for micro in range(tc.grad_accum):
             w0 = time.perf_counter()
             batch = next(self.loader).to(device, non_blocking=True)
-            wait += time.perf_counter() - w0
+            w1 = time.perf_counter()
             with placed.no_sync(micro + 1 == tc.grad_accum):  # DDP all-reduces once per step
                 with _autocast(tc.bf16, device.type):
                     outp = placed.forward(batch.x, batch.rows, targets=batch.y)
                 loss = outp.loss + outp.aux_loss
+                w2 = time.perf_counter()
                 (loss / tc.grad_accum).backward()
             loss_sum += float(outp.loss.detach())
             aux_sum += float(outp.aux_loss.detach())
+            w3 = time.perf_counter()
+            wait, fwd, bwd = wait + (w1 - w0), fwd + (w2 - w1), bwd + (w3 - w2)
         (loss_sum, aux_sum), stop = placed.global_mean([loss_sum, aux_sum], stop)
+        o0 = time.perf_counter()
         gnorm = self.opt.clip_grad_norm()
         self.opt.step()
         self.opt.zero_grad()
         placed.after_step()
         self.model.update_router_biases()
-        dt = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        dt = t1 - t0
         train_loss = loss_sum / tc.grad_accum
         if not math.isfinite(train_loss):
             raise FloatingPointError(
@@ -540,7 +549,8 @@ class Trainer:
         rec: dict[str, Any] = {
             "step": step + 1, "tokens": (step + 1) * tokens, "loss": train_loss,
             "aux_loss": aux_sum / tc.grad_accum, "lr": cfg.optim.lr * lr_mult, "grad_norm": gnorm,
-            "step_s": dt, "wait_s": wait, "tokens_per_s": tokens / dt,
+            "step_s": dt, "wait_s": wait, "fwd_s": fwd, "bwd_s": bwd, "opt_s": t1 - o0,
+            "tokens_per_s": tokens / dt,
         }  # fmt: skip
         rec.update({k: v - before[k] for k, v in placed.counters().items()})
         return rec, stop

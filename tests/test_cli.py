@@ -137,6 +137,14 @@ def test_demo_pipeline_with_tiny_models(tmp_path, capsys):
     assert summary["engram"]["val_loss"] == result.engram.val_loss
     assert summary["sample"]["same_tokens"] and summary["sample"]["text"]
     assert "hot-row cache): the same tokens" in out
+    # the step-time breakdown comes from each run's own metrics and adds up to its median step
+    assert "where the step time goes" in out
+    assert f"{result.engram.name} - {result.baseline.name}" in out
+    for run in (result.baseline, result.engram, result.no_information):
+        phases = summary["step_breakdown_s"][run.name]
+        assert set(phases) == {"wait_s", "fwd_s", "bwd_s", "opt_s", "other"}
+        assert all(v >= 0 for v in phases.values())
+        assert phases["fwd_s"] + phases["bwd_s"] <= 1.5 * run.step_s
 
 
 @pytest.mark.slow
