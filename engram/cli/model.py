@@ -19,7 +19,7 @@ from engram.cli.common import (
     utf8_text,
 )
 from engram.config import EngramConfig, small_config
-from engram.hashing import kernel_available
+from engram.hashing import available_paths
 from engram.indexer import NgramIndexer
 
 
@@ -81,7 +81,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"memory          tables {format_bytes(table_bytes(all_rows, cfg.head_dim))} (fp32); "
         f"optimizer {format_bytes(optimizer_bytes(all_rows, cfg.head_dim))} (Adam's 2 moments)"
     )
-    print(f"hash kernel     {'compiled C' if kernel_available() else 'numpy fallback'}")
+    paths = ", ".join(available_paths())
+    print(f"hash kernel     {ix.hasher.path} (available here: {paths})")
     print(f"fingerprint     {ix.hasher.fingerprint()}")
 
 
