@@ -222,12 +222,13 @@ def main() -> None:
     print(f"directory: {root} on {fs_type(root)}")
     base = demo_engram()
     configs = {"demo": base}
-    rows_per_order = args.weight_mib * 2**20 // (64 * 4) // (base.engram.max_ngram_size - 1)
+    orders, heads = base.engram.max_ngram_size - 1, base.engram.n_head_per_ngram
+    rows_per_head = args.weight_mib * 2**20 // (64 * 4) // (orders * heads)  # ~one prime each
     configs["big"] = replace(
         base,
         engram=replace(
             base.engram, n_embed_per_ngram=64 * base.engram.n_head_per_ngram,
-            engram_vocab_size=(rows_per_order,) * (base.engram.max_ngram_size - 1),
+            engram_vocab_size=(rows_per_head,) * orders,
         ),
     )  # fmt: skip
     results = []

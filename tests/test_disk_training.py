@@ -487,3 +487,55 @@ def test_export_and_serving_of_a_delta_checkpoint(runs, tmp_path: Path) -> None:
     with load_served(run, TierConfig(store="mmap", prefetch=False)) as served:
         store = served.parts.model.engram_layers()[1].store
         assert torch.equal(store.gather(torch.arange(store.num_rows)), expected)
+
+
+def test_base_is_a_copy_on_write_clone_where_the_filesystem_can(tmp_path: Path) -> None:
+    """On a reflink filesystem (btrfs, XFS: set ENGRAM_REFLINK_DIR to a directory on one) a
+    base costs no data writes, stays a valid sealed table file, and later training does not
+    reach it; elsewhere the store falls back to a streamed copy (the other tests)."""
+    from engram.store.tablechain import clone_to
+    from engram.store.tablefile import verify_table
+
+    root = Path(os.environ.get("ENGRAM_REFLINK_DIR", tmp_path)) / f"clone-{os.getpid()}"
+    root.mkdir(parents=True)
+    try:
+        (root / "probe").write_bytes(b"x" * 4096)
+        if not clone_to(root / "probe", root / "probe2"):
+            pytest.skip(f"{root} has no copy-on-write clones (set ENGRAM_REFLINK_DIR)")
+        store = DiskTrainedStore.create(root / "w", 1, 3000, 8, fingerprint="ab" * 8)
+        gen = torch.Generator().manual_seed(0)
+        _train_rows(store, gen, 100)
+        rec = store.save(root / "c0")
+        store.mark_committed(root / "c0")
+        assert rec["checkpoint"]["kind"] == "base" and rec["checkpoint"]["cloned"] is True
+        assert rec["checkpoint"]["bytes_written"] == (root / "c0" / "L1.chain.json").stat().st_size
+        saved = _parts(store)
+        for p in PARTS:
+            verify_table(root / "c0" / f"L1.{p}.engt", expected_fingerprint="ab" * 8)
+        _train_rows(store, gen, 100)  # the working files change; the clone must not
+        restored = DiskTrainedStore.restore(root / "r", 1, root / "c0", 1)  # cloned back too
+        assert all(torch.equal(_parts(restored)[p], saved[p]) for p in PARTS)
+        restored.close()
+        store.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_checkpoint_of_the_full_copy_format_still_resumes(runs, tmp_path: Path) -> None:
+    """A checkpoint written before chains existed (three files, no chain record) resumes."""
+    run = tmp_path / "old"
+    shutil.copytree(runs["mmap"], run)
+    root = run / "checkpoints"
+    shutil.rmtree(root / "step-000008")
+    (root / "LATEST").write_text("step-000004\n")
+    ckpt = root / "step-000004"
+    (ckpt / "tables" / "L1.chain.json").unlink()
+    state = json.loads((ckpt / "state.json").read_text())
+    for key in ("chain", "checkpoint", "save"):
+        del state["tables"]["1"][key]
+    del state["sha256"]["tables/L1.chain.json"]
+    (ckpt / "state.json").write_text(json.dumps(state))
+    assert torch.equal(_table(ckpt), _table(runs["mmap"] / "checkpoints" / "step-000004"))
+    train(_cfg(), run, progress=False)
+    assert _losses(run) == _losses(runs["mmap"])
+    assert torch.equal(_table(run), _table(runs["mmap"]))
