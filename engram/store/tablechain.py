@@ -53,6 +53,7 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -515,6 +516,23 @@ def clone_to(src: Path, dst: Path) -> bool:
     except _NoClone:
         return False
     return True
+
+
+def can_clone(src_dir: Path, dst_dir: Path) -> bool:
+    """Whether files in `src_dir` can be cloned into `dst_dir` (a probe with a 4 KiB file), so
+    a caller does not pay for preparing a big clone (sealing its source) that cannot happen."""
+    fd, probe = tempfile.mkstemp(dir=src_dir, prefix=".clone-probe.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(bytes(4096))
+        fd2, target = tempfile.mkstemp(dir=dst_dir, prefix=".clone-probe.")
+        try:
+            return clone_file(Path(probe), fd2)
+        finally:
+            os.close(fd2)
+            os.unlink(target)
+    finally:
+        os.unlink(probe)
 
 
 def copy_file(src: Path, dst: Path) -> tuple[int, bool]:

@@ -55,6 +55,7 @@ from engram.store.tablechain import (
     PARTS,
     apply_deltas,
     base_entry,
+    can_clone,
     check_chain,
     clone_to,
     copy_file,
@@ -144,7 +145,7 @@ class DiskTrainedStore:
         # Saves not committed yet: {save number: (chain, the dirty rows it holds)}.
         self._staged: dict[int, tuple[list[dict[str, Any]], Tensor]] = {}
         self._saves = 0
-        self._clone = True  # try copy-on-write clones until the filesystem refuses one
+        self._clone: bool | None = None  # copy-on-write clones work here (None: not probed)
         self.last_save: dict[str, Any] | None = None
         self.saved_bytes = 0  # cumulative, over this store's saves
         self.saved_seconds = 0.0
@@ -411,6 +412,8 @@ class DiskTrainedStore:
         """The three parts as complete table files: (headers, bytes written, cloned)."""
         headers: dict[str, TableHeader] = {}
         written, clones = 0, 0
+        if self._clone is None:
+            self._clone = can_clone(self.directory, dest)
         for part, store in self.parts.items():
             target = dest / part_file(self.layer_id, part)
             if self._clone:
