@@ -12,6 +12,10 @@ capability, threads, the hashing path, and the emulation variables set. Models a
 presets (`engram.demo.demo_configs`; `--quick`: the `--quick` presets, the same models) with
 one PyTorch thread, as the demo trains them.
 
+Timing is wall time; `--cpu-time` (speed, breakdown) uses the main thread's CPU time instead,
+which a machine shared with other work disturbs far less (PyTorch runs one thread here, so all
+of a step's compute is on it; memory and cache contention still show).
+
 speed: both models built in one process and trained on the SAME batches with their steps
 interleaved (A, B, A, B, ...), so machine noise hits both alike; median step time of each and
 the ratio. Batches (and their hash rows) are made beforehand, as the loader's thread does.
@@ -160,7 +164,12 @@ def _batches(cfg: RunConfig, parts: Any, data: Any, n: int) -> list[Batch]:
         loader.close()
 
 
-def _stepper(cfg: RunConfig, bf16: bool = False, compile_: bool = False) -> tuple[Any, Callable]:
+def _stepper(
+    cfg: RunConfig,
+    bf16: bool = False,
+    compile_: bool = False,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[Any, Callable]:
     """A bare training step of a freshly built `cfg` model: batch -> (seconds, loss)."""
     parts = build_run(cfg)
     model = parts.model
@@ -169,7 +178,7 @@ def _stepper(cfg: RunConfig, bf16: bool = False, compile_: bool = False) -> tupl
     oc, tc = cfg.optim, cfg.train
 
     def step(batch: Batch) -> tuple[float, float]:
-        t0 = time.perf_counter()
+        t0 = clock()
         opt.set_lr(lr_multiplier(batch.step, tc.steps, oc.warmup_steps, oc.min_lr_ratio))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = fwd(batch.x, batch.rows, targets=batch.y)
@@ -179,9 +188,14 @@ def _stepper(cfg: RunConfig, bf16: bool = False, compile_: bool = False) -> tupl
         opt.step()
         opt.zero_grad()
         model.update_router_biases()
-        return time.perf_counter() - t0, loss
+        return clock() - t0, loss
 
     return parts, step
+
+
+def _clock(args: argparse.Namespace) -> Callable[[], float]:
+    """Wall time, or with --cpu-time this thread's CPU time (steady on a shared machine)."""
+    return time.thread_time if args.cpu_time else time.perf_counter
 
 
 def _ms(seconds: float) -> str:
@@ -192,16 +206,17 @@ def _ms(seconds: float) -> str:
 def speed(args: argparse.Namespace) -> None:
     base_cfg, eng_cfg, plan = demo_configs(args.quick)
     data = _data(base_cfg)
-    eng_parts, eng_step = _stepper(eng_cfg)
-    _, base_step = _stepper(base_cfg)
+    clock = _clock(args)
+    eng_parts, eng_step = _stepper(eng_cfg, clock=clock)
+    _, base_step = _stepper(base_cfg, clock=clock)
     batches = _batches(eng_cfg, eng_parts, data, args.steps)
     no_rows = [replace(b, rows=None) for b in batches]
     contenders = {"moe fp32": (base_step, no_rows), "engram fp32": (eng_step, batches)}
     if args.variants:
-        contenders["engram bf16"] = (_stepper(eng_cfg, bf16=True)[1], batches)
-        contenders["moe bf16"] = (_stepper(base_cfg, bf16=True)[1], no_rows)
+        contenders["engram bf16"] = (_stepper(eng_cfg, bf16=True, clock=clock)[1], batches)
+        contenders["moe bf16"] = (_stepper(base_cfg, bf16=True, clock=clock)[1], no_rows)
         t0 = time.perf_counter()
-        compiled = _stepper(eng_cfg, compile_=True)[1]
+        compiled = _stepper(eng_cfg, compile_=True, clock=clock)[1]
         compiled(batches[0])  # compile outside the timed loop
         print(f"torch.compile warm-up: {time.perf_counter() - t0:.1f}s")
         contenders["engram compile"] = (compiled, batches)
@@ -223,23 +238,25 @@ def speed(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------ breakdown
-def _phased_step(model: Any, opt: Any, batch: Batch, rows: Any) -> list[float]:
+def _phased_step(
+    model: Any, opt: Any, batch: Batch, rows: Any, clock: Callable[[], float]
+) -> list[float]:
     """One training step split into phases (seconds): fwd, bwd, clip, adamw, table, zero."""
-    t = [time.perf_counter()]
+    t = [clock()]
     out = model(batch.x, rows, targets=batch.y)
-    t.append(time.perf_counter())
+    t.append(clock())
     (out.loss + out.aux_loss).backward()
-    t.append(time.perf_counter())
+    t.append(clock())
     opt.clip_grad_norm()
-    t.append(time.perf_counter())
+    t.append(clock())
     opt.dense.step()
-    t.append(time.perf_counter())
+    t.append(clock())
     if opt.table is not None:
         opt.table.step()
-    t.append(time.perf_counter())
+    t.append(clock())
     opt.zero_grad()
     model.update_router_biases()
-    t.append(time.perf_counter())
+    t.append(clock())
     return [b - a for a, b in itertools.pairwise(t)]
 
 
@@ -249,6 +266,7 @@ PHASES = ("forward", "backward", "clip grad norm", "AdamW (dense)", "table spars
 
 def breakdown(args: argparse.Namespace) -> None:
     base_cfg, eng_cfg, plan = demo_configs(args.quick)
+    clock = _clock(args)
     data = _data(base_cfg)
     models = {}
     for name, cfg in (("moe", base_cfg), ("engram", eng_cfg)):
@@ -261,7 +279,7 @@ def breakdown(args: argparse.Namespace) -> None:
     res: dict[str, list[list[float]]] = {"moe": [], "engram": []}
     for i, b in enumerate(batches):
         for name, (parts, opt) in models.items():
-            r = _phased_step(parts.model, opt, b, b.rows if name == "engram" else None)
+            r = _phased_step(parts.model, opt, b, b.rows if name == "engram" else None, clock)
             if i >= 3:
                 res[name].append(r)
     tokens = base_cfg.data.batch_size * base_cfg.data.seq_len
@@ -323,11 +341,11 @@ def breakdown(args: argparse.Namespace) -> None:
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in parts}
     for i in range(args.steps):
         for key, fn in parts.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             y = fn()
-            t1 = time.perf_counter()
+            t1 = clock()
             y.backward(torch.full_like(y, 1e-3))
-            t2 = time.perf_counter()
+            t2 = clock()
             if i >= 3:
                 times[key].append((t1 - t0, t2 - t1))
             for p in leaves:
@@ -448,6 +466,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--avx2-only", action="store_true", help="emulate an AVX2-only CPU")
     p.add_argument("--quick", action="store_true", help="the `engram demo --quick` presets")
+    p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="speed/breakdown: time with this thread's CPU time instead of wall time (for a "
+        "machine shared with other work; PyTorch must run one thread)",
+    )
     sub = p.add_subparsers(dest="mode", required=True)
     s = sub.add_parser("speed")
     s.add_argument("--steps", type=int, default=30)
