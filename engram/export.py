@@ -37,6 +37,7 @@ from engram.checkpoint import (
     Checkpoint,
     CheckpointError,
     read_checkpoint,
+    table_file,
 )
 from engram.hashing import NgramHasher
 from engram.store.mmap import MmapRowStore
@@ -91,7 +92,7 @@ def _table_source(ckpt: Checkpoint, f: Any, keys: set[str], lid: int, fingerprin
     on_disk = ckpt.state.get("tables", {}).get(str(lid))
     if on_disk is not None:
         key = f"{TABLES_DIR}/{on_disk['files']['weight']}"
-        store = MmapRowStore(ckpt.path / key, expected_fingerprint=fingerprint)
+        store = MmapRowStore(table_file(ckpt, lid), expected_fingerprint=fingerprint)
         return _Source(
             key, store.num_rows, store.dim, store.storage_dtype, store.read_range, store.close
         )

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engram.checkpoint import TABLES_DIR, Checkpoint, read_checkpoint
+from engram.checkpoint import TABLES_DIR, Checkpoint, read_checkpoint, table_file
 from engram.export import export_tables
 from engram.store.base import RowStore
 from engram.store.cache import CachedRowStore
@@ -162,9 +162,7 @@ def table_files(ckpt: Checkpoint, tier: TierConfig) -> dict[int, Path]:
         return files
     disk = ckpt.state.get("tables")
     if disk and tier.dtype == "float32":
-        return {
-            lid: ckpt.path / TABLES_DIR / disk[str(lid)]["files"]["weight"] for lid in layer_ids
-        }
+        return {lid: table_file(ckpt, lid) for lid in layer_ids}
     export_dir = ckpt.path.parent.parent / TABLES_DIR / f"{ckpt.path.name}-{tier.dtype}"
     files = {lid: export_dir / table_file_name(lid) for lid in layer_ids}
     if not all(f.is_file() for f in files.values()):
