@@ -585,12 +585,20 @@ class TableRows:
 
 def assembled_tables(ckpt: Checkpoint, wanted: Collection[str]) -> dict[str, Tensor]:
     """{state-dict key: full table} of a distributed checkpoint's sharded tables, for the keys
-    in `wanted` (a model's state-dict keys: tables it serves from another store are not read)."""
+    in `wanted` (a model's state-dict keys: tables it serves from another store are not read),
+    and of tables trained on disk that the model holds in RAM (read from their table file)."""
+    from engram.store.tablefile import read_table
+
     out = {}
     for lid, rec in ckpt.state.get(SHARDED_KEY, {}).items():
         key = TABLE_KEY.format(layer_id=lid)
         if key in wanted:
             out[key] = TableRows(ckpt, int(lid), ()).read("weight", 0, rec["num_rows"])
+    for lid in ckpt.state.get("tables", {}):
+        key = TABLE_KEY.format(layer_id=lid)
+        if key in wanted:
+            path = table_file(ckpt, int(lid))
+            out[key] = read_table(path, expected_fingerprint=ckpt.state.get("hash_fingerprint"))
     return out
 
 

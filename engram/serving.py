@@ -206,16 +206,16 @@ def load_served(
         ckpt = read_checkpoint(ckpt_path)
         if ckpt.state.get("tables"):  # trained on disk: bring the tables into RAM
             from engram.store.memory import MemoryRowStore
-            from engram.store.tables import read_tables
+            from engram.store.tablefile import read_header
 
             files = table_files(ckpt, tier)
             stores: dict[int, RowStore] = {}
-            for lid, table in read_tables(files).items():
-                s = MemoryRowStore(table.shape[0], table.shape[1], check_bounds=False)
-                s.weight.data.copy_(table)
-                s.weight.requires_grad_(False)
-                stores[lid] = s
+            for lid, f in files.items():  # load_trained reads each table into its store
+                h = read_header(f, expected_fingerprint=ckpt.state.get("hash_fingerprint"))
+                stores[lid] = MemoryRowStore(h.num_rows, h.dim, check_bounds=False)
             parts, ckpt = load_trained(ckpt.path, tokenizer, stores=stores)
+            for s in stores.values():
+                s.weight.requires_grad_(False)
             return ServedModel(parts, ckpt, tier, stores, files)
         parts, ckpt = load_trained(ckpt_path, tokenizer)
         return ServedModel(parts, ckpt, tier)

@@ -487,6 +487,9 @@ def test_export_and_serving_of_a_delta_checkpoint(runs, tmp_path: Path) -> None:
     with load_served(run, TierConfig(store="mmap", prefetch=False)) as served:
         store = served.parts.model.engram_layers()[1].store
         assert torch.equal(store.gather(torch.arange(store.num_rows)), expected)
+    with load_served(run, TierConfig(store="ram")) as served:  # the table brought into RAM
+        store = served.parts.model.engram_layers()[1].store
+        assert torch.equal(store.gather(torch.arange(store.num_rows)), expected)
 
 
 def test_base_is_a_copy_on_write_clone_where_the_filesystem_can(tmp_path: Path) -> None:
