@@ -18,14 +18,16 @@ Design choices:
   Every file is opened with the checkpoint's hash fingerprint, so a table exported from another
   configuration is refused.
 - `reader` picks how the file is read; both readers return bit-identical rows, so generation
-  does not depend on it. The default stays "mmap", from measurements on the 2-core build machine
-  (docs/serving.md): from the page cache a mapped gather is one `index_select` (~12 us for a
-  decode step's 32 rows; ~90 us with the WILLNEED advice the tier uses) against one syscall per
-  row for pread (~120 us); rows that come from this machine's virtual disk cost both readers the
-  same (~150 us per never-read row: the device serves reads one at a time, so neither the
-  advice, nor threads, nor O_DIRECT overlap them), and both fetch 4 KiB of storage per missed
-  row. "pread" keeps the table out of the process's resident set and counts every byte it reads;
-  "auto" picks pread for a file larger than `AUTO_PREAD_RAM_FRACTION` of physical memory.
+  does not depend on it. The default is "auto": pread for a file larger than
+  `AUTO_PREAD_RAM_FRACTION` of physical memory, mmap otherwise, from measurements on the 2-core
+  build machine (docs/serving.md, benchmarks/RESULTS.md). From the page cache a mapped gather is
+  one `index_select` (~12 us for a decode step's 32 rows; ~90 us with the WILLNEED advice the tier
+  uses) against one syscall per row for pread (~120 us), so a table that fits stays mapped. On a
+  32 GiB table on the 23.5 GiB machine, pread generated faster than mmap cold (0.74x vs 0.66x of
+  the RAM model's tokens/s) and warm (0.93x vs 0.87x) and alike on new text (0.80x vs 0.82x):
+  rows from this machine's virtual disk cost both ~150 us each (the device serves reads one at a
+  time), but pread keeps the table out of the process's resident set, copies 32 B instead of
+  mapping a 4 KiB page per row, and counts every byte it reads.
 - One `Prefetcher` thread serves all layers; `ServedModel.close()` (or `with`) shuts it down and
   closes the files.
 """
@@ -88,7 +90,7 @@ class TierConfig:
     # How table files are read (store="mmap"): "mmap" (memory map, the kernel pages rows in
     # 4 KiB at a time), "pread" (exactly the requested rows, engram.store.pread), or "auto"
     # (pread for a file larger than AUTO_PREAD_RAM_FRACTION of physical memory, else mmap).
-    reader: str = "mmap"
+    reader: str = "auto"
     # pread reader: threads doing the blocking reads of one request (0 = the calling thread,
     # which already has a request's reads in flight through POSIX_FADV_WILLNEED).
     reader_threads: int = 0

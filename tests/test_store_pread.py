@@ -354,7 +354,8 @@ def test_auto_reader_maps_tables_that_fit_and_preads_larger_ones(
 ) -> None:
     path = _table(tmp_path, "float32")
     auto = TierConfig(store="mmap", reader="auto")
-    assert TierConfig().reader == "mmap"  # the default (see engram.serving for why)
+    assert TierConfig().reader == "auto"  # the default (see engram.serving for why)
+    assert resolve_reader(TierConfig(store="mmap"), path) == "mmap"  # which maps a small file
     assert resolve_reader(auto, path) == "mmap"  # a small file
     assert resolve_reader(TierConfig(store="mmap", reader="auto", direct=True), path) == "pread"
     assert resolve_reader(TierConfig(store="mmap", reader="pread"), path) == "pread"

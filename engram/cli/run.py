@@ -332,10 +332,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gn.add_argument("--cache-mib", type=finite_float(0.0), default=0,
                     help="or the cache size per Engram layer in MiB of rows (mmap)")  # fmt: skip
     gn.add_argument("--no-prefetch", action="store_true", help="no background row prefetch")
-    gn.add_argument("--reader", choices=["mmap", "pread", "auto"], default="mmap",
-                    help="how table files are read (--store mmap): memory-mapped (default), or "
-                    "exactly the rows with pread; auto = pread for a file larger than half "
-                    "the RAM")  # fmt: skip
+    gn.add_argument("--reader", choices=["mmap", "pread", "auto"], default="auto",
+                    help="how table files are read (--store mmap): memory-mapped, or exactly "
+                    "the rows with pread; auto (default) = pread for a file larger than half "
+                    "the RAM, else mmap")  # fmt: skip
     gn.add_argument("--reader-threads", type=nonneg_int, default=0,
                     help="pread reader: threads for a request's blocking reads (default 0)")  # fmt: skip
     gn.add_argument("--direct-io", action="store_true",
