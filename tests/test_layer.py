@@ -9,7 +9,7 @@ from functools import cache
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engram.config import EngramConfig, small_config
@@ -306,13 +306,19 @@ def _hypothesis_layer(M: int) -> Engram:
     cuts=st.lists(st.integers(1, 23), max_size=6, unique=True),
     seed=st.integers(0, 2**16),
 )
+@example(M=1, T=17, cuts=[2, 9, 10], seed=17)  # 1.19e-6 apart at a value of 3.96 (2.5 ulp)
 def test_streaming_any_split_equals_full(M: int, T: int, cuts: list[int], seed: int) -> None:
+    """Chunked calls equal one call up to float32 rounding: chunks of other lengths take other
+    vectorised/tail code paths in the matmuls and norms (with F.conv1d too), a few ulp apart,
+    which the signed-sqrt gate magnifies near a zero logit (worst seen over 3,000 random cases:
+    1.3e-5 at a value of -1.26, a fifth of this tolerance; a wrong conv state is off by O(1))."""
     layer = _hypothesis_layer(M)
     hidden, rows = make_inputs(2, T, M, seed=seed)
     cuts = sorted(c for c in cuts if c < T)
     with torch.no_grad():
         full = layer(hidden, rows)
-        torch.testing.assert_close(_stream(layer, hidden, rows, cuts), full, rtol=0, atol=1e-6)
+        streamed = _stream(layer, hidden, rows, cuts)
+        torch.testing.assert_close(streamed, full, rtol=1e-5, atol=5e-5)
 
 
 def test_conv_state_shape_error() -> None:
