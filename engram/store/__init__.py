@@ -8,9 +8,10 @@ a checkpoint: the store package imports nothing above it).
 
 from engram.store.base import RowOutOfRangeError, RowStore, check_row_ids
 from engram.store.cache import CachedRowStore, CacheStats
+from engram.store.filestore import ReadStats, TableFileStore
 from engram.store.memory import MemoryRowStore
 from engram.store.mmap import MmapRowStore, create_table_file
-from engram.store.pread import PreadRowStore, ReadStats, proc_read_bytes
+from engram.store.pread import PreadRowStore, proc_read_bytes
 from engram.store.prefetch import Prefetcher, PrefetchHandle, PrefetchingStore, PrefetchStats
 from engram.store.sharded import ExchangeStats, RowSharding, ShardedRowStore
 from engram.store.tablefile import (
@@ -44,6 +45,7 @@ __all__ = [
     "RowStore",
     "ShardedRowStore",
     "TableFileError",
+    "TableFileStore",
     "TableHeader",
     "check_row_ids",
     "create_table_file",

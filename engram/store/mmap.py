@@ -46,30 +46,25 @@ import warnings
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from engram.store.base import check_row_ids
-from engram.store.pread import ReadStats
+from engram.store.filestore import TableFileStore
 from engram.store.tablefile import (
     FLAG_DIRTY,
-    ITEMSIZE,
     TableFileError,
     TableHeader,
-    _check_host,
     pack_header,
-    read_header,
-    verify_table,
     write_table,
 )
 
 _CRC_CHUNK = 16 << 20
 
 
-class MmapRowStore:
+class MmapRowStore(TableFileStore):
     """A (num_rows, dim) table read through a memory map of a `.engt` file."""
 
     def __init__(
@@ -84,26 +79,14 @@ class MmapRowStore:
         allow_dirty: bool = False,
         willneed_max: int = 0,
     ) -> None:
-        _check_host()
         self.willneed_max = int(willneed_max)
-        self._path = Path(path)
         self._writable = bool(writable)
         self.check_bounds = bool(check_bounds)
-        if not out_dtype.is_floating_point:
-            raise ValueError(f"out_dtype must be a floating dtype, got {out_dtype}")
-        self._out_dtype = out_dtype
         self._lock = threading.Lock()
-        self._stats_lock = threading.Lock()
-        self._stats = ReadStats()
-        self._closed = True
-        if verify:
-            h = verify_table(
-                self._path, expected_fingerprint=expected_fingerprint, allow_dirty=allow_dirty
-            )
-        else:
-            h = read_header(
-                self._path, expected_fingerprint=expected_fingerprint, allow_dirty=allow_dirty
-            )
+        h = self._open_header(
+            path, expected_fingerprint=expected_fingerprint, verify=verify,
+            allow_dirty=allow_dirty, out_dtype=out_dtype,
+        )  # fmt: skip
         if self._writable and h.dtype != "float32":
             raise TableFileError(
                 f"table file {self._path} stores {h.dtype} rows; only float32 tables can be "
@@ -111,8 +94,6 @@ class MmapRowStore:
             )
         self._file = open(self._path, "r+b" if self._writable else "rb")  # noqa: SIM115
         try:
-            self._header = h
-            self._row_nbytes = h.dim * ITEMSIZE[h.dtype]  # data stride (int8 scales live apart)
             self._dirty_on_disk = h.dirty
             if self._writable:  # mark DIRTY (durably) before the first byte can change
                 self._mark_dirty()
@@ -158,47 +139,8 @@ class MmapRowStore:
 
     # ------------------------------------------------------------------ properties
     @property
-    def num_rows(self) -> int:
-        return self._header.num_rows
-
-    @property
-    def dim(self) -> int:
-        return self._header.dim
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype `gather` returns (`out_dtype`)."""
-        return self._out_dtype
-
-    @property
-    def storage_dtype(self) -> str:
-        """The file's row dtype: "float32", "bfloat16", "float16" or "int8"."""
-        return self._header.dtype
-
-    @property
-    def header(self) -> TableHeader:
-        return self._header
-
-    @property
-    def path(self) -> Path:
-        return self._path
-
-    @property
-    def nbytes(self) -> int:
-        """Size of the file on disk."""
-        return self._header.file_nbytes
-
-    @property
     def writable(self) -> bool:
         return self._writable
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def _check_open(self, what: str) -> None:
-        if self._closed:
-            raise ValueError(f"MmapRowStore.{what}: the store for {self._path} is closed")
 
     # ------------------------------------------------------------------ reading
     def gather(self, rows: Tensor) -> Tensor:
@@ -222,18 +164,6 @@ class MmapRowStore:
             self._stats.rows_served += flat.numel()
             self._stats.read_time_s += elapsed
         return out
-
-    def stats(self) -> ReadStats:
-        """Gathers, rows served and time in `gather` (storage bytes: see the module doc)."""
-        with self._stats_lock:
-            return replace(self._stats)
-
-    def reset_stats(self) -> None:
-        with self._stats_lock:
-            self._stats = ReadStats()
-
-    def __call__(self, rows: Tensor) -> Tensor:
-        return self.gather(rows)
 
     def _will_need(self, flat: Tensor) -> None:
         """Ask the kernel to read the pages of rows `flat` (R,) now, all at once (MADV_WILLNEED)."""
@@ -370,12 +300,6 @@ class MmapRowStore:
         if not getattr(self, "_closed", True):
             with contextlib.suppress(Exception):  # e.g. at interpreter shutdown
                 self.close(seal=False)
-
-    def __enter__(self) -> MmapRowStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         mode = "writable" if self._writable else "read-only"

@@ -60,9 +60,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -70,13 +68,9 @@ import torch
 from torch import Tensor
 
 from engram.store.base import check_row_ids
+from engram.store.filestore import TableFileStore
 from engram.store.tablefile import (
-    ITEMSIZE,
     TableFileError,
-    TableHeader,
-    _check_host,
-    read_header,
-    verify_table,
 )
 
 _PAGE = mmap.PAGESIZE
@@ -96,29 +90,6 @@ def proc_read_bytes() -> int | None:
     except OSError:
         return None
     return None
-
-
-@dataclass
-class ReadStats:
-    """Counters of a `PreadRowStore` since construction or `reset_stats()`."""
-
-    gathers: int = 0  # gather calls
-    rows_served: int = 0  # ids returned (duplicates within a call included)
-    rows_read: int = 0  # distinct rows fetched from the file
-    rows_staged: int = 0  # rows read including the gap rows coalescing read along
-    reads: int = 0  # preadv calls that returned data (after coalescing; retries included)
-    cached_reads: int = 0  # reads answered from the page cache without blocking (RWF_NOWAIT)
-    bytes_read: int = 0  # bytes copied from the file (rows + gaps + int8 scales; direct: aligned)
-    read_time_s: float = 0.0  # wall time in the read phase of gathers
-
-    @property
-    def bytes_per_row_served(self) -> float:
-        return self.bytes_read / self.rows_served if self.rows_served else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = asdict(self)
-        d["bytes_per_row_served"] = self.bytes_per_row_served
-        return d
 
 
 class _Plan(NamedTuple):
@@ -224,7 +195,7 @@ def _grow(nbytes: int, aligned: bool) -> tuple[Any, Tensor]:
     return buf, torch.frombuffer(buf, dtype=torch.uint8)
 
 
-class PreadRowStore:
+class PreadRowStore(TableFileStore):
     """A read-only (num_rows, dim) table read row by row from a `.engt` file with `preadv`.
 
     Args:
@@ -256,29 +227,17 @@ class PreadRowStore:
         coalesce_gap: int = 0,
         kernel: bool = True,
     ) -> None:
-        _check_host()
-        if not out_dtype.is_floating_point:
-            raise ValueError(f"out_dtype must be a floating dtype, got {out_dtype}")
         for name, value in (("threads", threads), ("coalesce_gap", coalesce_gap)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        self._path = Path(path)
-        self._out_dtype = out_dtype
+        h = self._open_header(
+            path, expected_fingerprint=expected_fingerprint, verify=verify,
+            allow_dirty=allow_dirty, out_dtype=out_dtype,
+        )  # fmt: skip
         self.check_bounds = bool(check_bounds)
         self.advise = bool(advise)
         self.coalesce_gap = coalesce_gap
         self._direct = bool(direct)
-        self._closed = True
-        if verify:
-            h = verify_table(
-                self._path, expected_fingerprint=expected_fingerprint, allow_dirty=allow_dirty
-            )
-        else:
-            h = read_header(
-                self._path, expected_fingerprint=expected_fingerprint, allow_dirty=allow_dirty
-            )
-        self._header: TableHeader = h
-        self._row_nbytes = h.dim * ITEMSIZE[h.dtype]
         self._storage = h.torch_dtype
         self._fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         self._dfd = -1
@@ -296,8 +255,6 @@ class PreadRowStore:
         self._nowait = bool(_NOWAIT) and not self._direct
         self._kernel = _load_kernel() if kernel else None
         self._local = threading.local()
-        self._stats_lock = threading.Lock()
-        self._stats = ReadStats()
         self._threads = threads
         self._pool = (
             ThreadPoolExecutor(threads, thread_name_prefix="engram-pread") if threads else None
@@ -332,37 +289,6 @@ class PreadRowStore:
 
     # ------------------------------------------------------------------ properties
     @property
-    def num_rows(self) -> int:
-        return self._header.num_rows
-
-    @property
-    def dim(self) -> int:
-        return self._header.dim
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype `gather` returns (`out_dtype`)."""
-        return self._out_dtype
-
-    @property
-    def storage_dtype(self) -> str:
-        """The file's row dtype: "float32", "bfloat16", "float16" or "int8"."""
-        return self._header.dtype
-
-    @property
-    def header(self) -> TableHeader:
-        return self._header
-
-    @property
-    def path(self) -> Path:
-        return self._path
-
-    @property
-    def nbytes(self) -> int:
-        """Size of the file on disk."""
-        return self._header.file_nbytes
-
-    @property
     def direct(self) -> bool:
         return self._direct
 
@@ -379,23 +305,6 @@ class PreadRowStore:
     def uses_kernel(self) -> bool:
         """Whether reads go through the C kernel (one GIL release per request)."""
         return self._kernel is not None
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def stats(self) -> ReadStats:
-        """A copy of the counters."""
-        with self._stats_lock:
-            return ReadStats(**asdict(self._stats))
-
-    def reset_stats(self) -> None:
-        with self._stats_lock:
-            self._stats = ReadStats()
-
-    def _check_open(self, what: str) -> None:
-        if self._closed:
-            raise ValueError(f"PreadRowStore.{what}: the store for {self._path} is closed")
 
     # ------------------------------------------------------------------ reading
     def gather(self, rows: Tensor) -> Tensor:
@@ -415,9 +324,6 @@ class PreadRowStore:
         if scale is not None:
             out = out.float() * scale.index_select(0, index)[:, None]
         return out.to(self._out_dtype).reshape(*rows.shape, self.dim)  # S + (dim,)
-
-    def __call__(self, rows: Tensor) -> Tensor:
-        return self.gather(rows)
 
     def read_rows(self, rows: np.ndarray) -> Tensor:
         """Distinct sorted ids (U,) int64 -> their rows (U, dim) in the storage dtype (int8 rows
@@ -626,12 +532,6 @@ class PreadRowStore:
         if not getattr(self, "_closed", True):
             with contextlib.suppress(Exception):
                 self.close()
-
-    def __enter__(self) -> PreadRowStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         mode = f"direct/{self._align}" if self._direct else "buffered"
