@@ -33,13 +33,13 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import machine  # benchmarks/machine.py
 import torch
 from prompts import PROMPTS  # benchmarks/prompts.py: four per round, new text every round
 
@@ -59,20 +59,6 @@ def rss() -> dict[str, float]:
         if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
             out[key] = int(value.split()[0]) / 1024
     return out
-
-
-def cpu() -> str:
-    model, flags = platform.processor() or "?", ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("?", "x86_64", ""):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                have = set(line.split(":", 1)[1].split())
-                flags = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512bw") if f in have)
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} CPUs, flags: {flags or '?'}"
 
 
 def drop_cache(path: Path) -> None:
@@ -116,7 +102,9 @@ def main() -> None:
     )
     (lid,) = big.engram.layer_ids  # the demo has one Engram layer
     ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    print(f"cpu: {cpu()}; torch {torch.__version__}, 1 thread; machine RAM {ram_gib:.1f} GiB")
+    print(
+        f"cpu: {machine.cpu_summary()}; torch {torch.__version__}, 1 thread; machine RAM {ram_gib:.1f} GiB"
+    )
     print(f"start: {rss()}")
 
     # The indexer (and so the fingerprint and sub-table sizes) without building the big model.

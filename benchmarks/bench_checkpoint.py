@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -35,6 +34,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import machine  # benchmarks/machine.py
 import numpy as np
 import torch
 
@@ -45,21 +45,6 @@ from engram.indexer import NgramIndexer
 from engram.presets import demo_engram
 from engram.store.trainable import DiskTrainedStore
 from engram.tokenizer import separator_id
-
-
-def cpu_line() -> str:
-    model, flags = platform.machine(), []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key = line.split(":")[0].strip()
-            if key == "model name" and model == platform.machine():
-                model = line.split(":", 1)[1].strip()
-            if key == "flags" and not flags:
-                have = set(line.split(":", 1)[1].split())
-                flags = [f for f in ("avx2", "fma", "avx512f", "avx512bw") if f in have]
-    except OSError:
-        pass
-    return f"{model}; {os.cpu_count()} cores; flags {' '.join(flags) or '?'}"
 
 
 def fs_type(path: Path) -> str:
@@ -215,7 +200,7 @@ def main() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
     root.mkdir(parents=True, exist_ok=True)
-    print(f"CPU: {cpu_line()}")
+    print(f"CPU: {machine.cpu_summary()}")
     print(
         f"python {sys.version.split()[0]}, torch {torch.__version__}, threads {torch.get_num_threads()}"
     )

@@ -39,13 +39,13 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy and torch load their pools
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import machine  # benchmarks/machine.py
 import numpy as np
 import torch
 
@@ -61,7 +61,6 @@ V = 99_092
 SIZES = [129280 * 5, 129280 * 5]
 N, K, LAYERS, PAD, SEED = 3, 8, [1, 15], 2, 0
 SEP = 1  # compressed id used as the end-of-document separator in the resets row
-_EMULATED = "ENGRAM_BENCH_AVX2_ONLY"  # set in the re-run of --avx2-only
 TARGET = 10.0  # issue 16: at least 10x plain numpy, fresh output and reused buffer
 
 
@@ -144,44 +143,6 @@ def timeit(fns: dict, rounds: int, inner: int = 10) -> dict[str, tuple[float, fl
     return {n: (statistics.median(wall[n]), statistics.median(cpu[n])) for n in fns}
 
 
-def _numpy_simd() -> tuple[list[str], list[str]]:
-    """numpy's dispatch targets: (all it was built with, those active in this process)."""
-    try:
-        from numpy._core import _multiarray_umath as umath
-    except ImportError:  # numpy 1.x
-        from numpy.core import _multiarray_umath as umath  # type: ignore[no-redef]
-    targets = list(getattr(umath, "__cpu_dispatch__", []))
-    feats = getattr(umath, "__cpu_features__", {})
-    return targets, [t for t in targets if feats.get(t)]
-
-
-def _rerun_as_avx2_only() -> None:
-    """Re-execute this script with numpy, PyTorch and oneDNN/MKL limited to AVX2."""
-    targets, _ = _numpy_simd()
-    off = [t for t in targets if "512" in t or t == "X86_V4"]
-    env = dict(os.environ)
-    env.update(
-        NPY_DISABLE_CPU_FEATURES=" ".join(off),
-        ATEN_CPU_CAPABILITY="avx2",
-        ONEDNN_MAX_CPU_ISA="AVX2",
-        MKL_ENABLE_INSTRUCTIONS="AVX2",
-        ENGRAM_HASH_PATH="avx2",  # what `auto` picks on an AVX2-only CPU
-        **{_EMULATED: "1"},
-    )
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.split(":")[0].strip() in ("model name", "Model", "Hardware"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15)
@@ -193,15 +154,17 @@ def main() -> None:
         help="emulate an AVX2-only CPU: numpy/PyTorch without AVX-512, no avx512 path",
     )
     args = ap.parse_args()
-    emulated = os.environ.get(_EMULATED) == "1"
+    emulated = machine.emulated()
     if args.avx2_only and not emulated:
-        _rerun_as_avx2_only()
+        machine.rerun_as_avx2_only("avx2", force=True)  # what `auto` picks on an AVX2-only CPU
     torch.set_num_threads(1)
 
     paths = [p for p in available_paths() if not (emulated and p == "avx512")]
     flags = cpu_features()
-    _, np_active = _numpy_simd()
-    print(f"cpu: {_cpu_model()} ({platform.machine()}, {os.cpu_count()} logical CPUs)")
+    _, np_active = machine.numpy_simd()
+    print(
+        f"cpu: {machine.cpu_model_and_flags()[0]} ({platform.machine()}, {os.cpu_count()} logical CPUs)"
+    )
     print("cpu flags found: " + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in flags.items()))
     print(
         f"engram: kernel built {kernel_available()}; paths here {', '.join(available_paths())}; "

@@ -53,7 +53,6 @@ import itertools
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -61,6 +60,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import machine  # benchmarks/machine.py
 import numpy as np
 import torch
 
@@ -76,62 +76,18 @@ from engram.run_config import RunConfig, apply_overrides
 from engram.tokenizer import separator_id
 from engram.train import build_run
 
-_EMULATED = "ENGRAM_BENCH_AVX2_ONLY"
 _SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "bmi2", "avx512f", "avx512dq", "avx512bw",
                "avx512vl", "avx512_bf16", "amx_tile", "asimd", "sve")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the machine
-def _numpy_simd() -> tuple[list[str], list[str]]:
-    """numpy's dispatch targets: (all it was built with, those active in this process)."""
-    try:
-        from numpy._core import _multiarray_umath as umath
-    except ImportError:  # numpy 1.x
-        from numpy.core import _multiarray_umath as umath  # type: ignore[no-redef]
-    targets = list(getattr(umath, "__cpu_dispatch__", []))
-    feats = getattr(umath, "__cpu_features__", {})
-    return targets, [t for t in targets if feats.get(t)]
-
-
-def _rerun_as_avx2_only() -> None:
-    """Re-execute this script with numpy, PyTorch, oneDNN/MKL and the hash kernel on AVX2."""
-    targets, _ = _numpy_simd()
-    env = dict(os.environ)
-    env.update(
-        NPY_DISABLE_CPU_FEATURES=" ".join(t for t in targets if "512" in t or t == "X86_V4"),
-        ATEN_CPU_CAPABILITY="avx2",
-        ONEDNN_MAX_CPU_ISA="AVX2",
-        MKL_ENABLE_INSTRUCTIONS="AVX2",
-        **{_EMULATED: "1"},
-    )
-    if hashing.HASH_PATH_ENV not in env:
-        env[hashing.HASH_PATH_ENV] = "avx2" if "avx2" in hashing.available_paths() else "portable"
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
-
-def _cpu_model_and_flags() -> tuple[str, list[str]]:
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "Model", "Hardware") and model in ("", platform.machine()):
-                    model = value.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = value.split()
-    except OSError:
-        pass
-    return model, flags
-
-
 def print_machine() -> None:
     """CPU model and flags, PyTorch's capability and threads, hashing path, emulation."""
-    model, flags = _cpu_model_and_flags()
+    model, flags = machine.cpu_model_and_flags()
     have = set(flags)
     print(f"cpu: {model} ({platform.machine()}, {os.cpu_count()} logical CPUs)")
     print("cpu flags: " + " ".join(f"{f}={'yes' if f in have else 'no'}" for f in _SIMD_FLAGS))
-    _, np_active = _numpy_simd()
+    _, np_active = machine.numpy_simd()
     print(
         f"torch {torch.__version__}: kernels {torch.backends.cpu.get_cpu_capability()}, "
         f"{torch.get_num_threads()} thread(s); numpy {np.__version__} SIMD targets active: "
@@ -143,7 +99,7 @@ def print_machine() -> None:
     env = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
            "MKL_ENABLE_INSTRUCTIONS", "NPY_DISABLE_CPU_FEATURES", hashing.HASH_PATH_ENV)
            if k in os.environ]  # fmt: skip
-    emulated = os.environ.get(_EMULATED) == "1"
+    emulated = machine.emulated()
     print(f"AVX2-only emulation: {'on (' + ', '.join(env) + ')' if emulated else 'off'}")
     if env and not emulated:
         print("environment: " + ", ".join(env))
@@ -488,8 +444,8 @@ def main() -> None:
     q.add_argument("--steps", type=int, default=200)
     q.add_argument("--out", default="runs/bench-quality")
     args = p.parse_args()
-    if args.avx2_only and os.environ.get(_EMULATED) != "1":
-        _rerun_as_avx2_only()
+    if args.avx2_only and not machine.emulated():
+        machine.rerun_as_avx2_only("avx2" if "avx2" in hashing.available_paths() else "portable")
     torch.set_num_threads(1)  # the demo's models train with one PyTorch thread each
     print_machine()
     {"speed": speed, "breakdown": breakdown, "yardstick": yardstick, "quality": quality}[args.mode](
