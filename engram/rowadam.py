@@ -88,17 +88,17 @@ class RowSparseAdam(torch.optim.SparseAdam):
                     raise RuntimeError(
                         "SparseAdam does not support dense gradients, please consider Adam instead"
                     )
+                if p.dim() != 2 or p.grad.sparse_dim() != 1:
+                    raise ValueError(
+                        f"RowSparseAdam updates (rows, dim) tables with row-sparse gradients, got a "
+                        f"parameter of shape {tuple(p.shape)} with sparse_dim {p.grad.sparse_dim()}"
+                    )
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                if p.dim() != 2 or p.grad.sparse_dim() != 1:
-                    raise ValueError(
-                        f"RowSparseAdam updates (rows, dim) tables with row-sparse gradients, got a "
-                        f"parameter of shape {tuple(p.shape)} with sparse_dim {p.grad.sparse_dim()}"
-                    )
                 grad = (-p.grad if maximize else p.grad).coalesce()
                 values = grad._values()  # (U, dim)
                 if values.numel() == 0:

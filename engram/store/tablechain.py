@@ -66,10 +66,13 @@ from torch import Tensor
 
 from engram.atomic import atomic_open, atomic_write_text
 from engram.store.tablefile import (
+    _IO_CHUNK,
     FINGERPRINT_NBYTES,
     PAGE,
     TableFileError,
     TableHeader,
+    _align,
+    _crc_range,
     read_header,
     verify_table,
     write_table,
@@ -83,16 +86,11 @@ DELTA_SUFFIX = ".engd"
 _ROW_ALIGN = 64
 _DFIXED = struct.Struct("<8sIIIIQQQI64s")  # magic ... fingerprint (see the module docstring)
 _DCRC_OFFSET = 12
-_IO_CHUNK = 16 << 20
 _FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 
 
 class TableChainError(TableFileError):
     """A checkpoint's base or delta file that is missing, damaged, or not the one recorded."""
-
-
-def _align(n: int, to: int) -> int:
-    return -(-n // to) * to
 
 
 # ------------------------------------------------------------------------------------ names
@@ -251,11 +249,8 @@ def verify_delta(
     """`read_delta_header`, then recompute the data crc (a full read in bounded chunks)."""
     path = Path(path)
     h = read_delta_header(path, expected_fingerprint=expected_fingerprint)
-    crc = 0
     with open(path, "rb") as f:
-        f.seek(DELTA_HEADER_NBYTES)
-        for block in iter(lambda: f.read(_IO_CHUNK), b""):
-            crc = zlib.crc32(block, crc)
+        crc = _crc_range(f, DELTA_HEADER_NBYTES, os.fstat(f.fileno()).st_size - DELTA_HEADER_NBYTES)
     if crc != h.data_crc:
         raise TableChainError(
             f"delta file {path} is corrupt: data crc32 {crc:08x}, expected {h.data_crc:08x}"
