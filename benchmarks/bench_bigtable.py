@@ -13,16 +13,22 @@ the demo's small table in RAM: they differ only in where the rows come from. Wei
 (random): speed and memory do not depend on them. The two disk models share their weights and must
 produce the same tokens (asserted): the readers return the same bits.
 
-Rounds: 4 prompts x `--tokens` new tokens each, the models taking turns in a rotating order.
+Rounds: 4 prompts x `--tokens` new tokens each. In every round each disk model runs as a PAIR
+with the RAM model, the two decoding in lockstep (`engram.generate.Decoder`: one step of one,
+then one step of the other, which goes first alternating by round), so both see the same slow
+and fast moments of the machine; the speed ratio is the RAM pair member's summed decode-step
+time over the disk member's (per round; medians and ranges reported), with the median of the
+per-step ratios beside it. (Whole runs taking turns, as before 2026-12-03, gave per-round ratios
+from 0.72 to 1.15 for the same configuration: the machine drifts within a second.)
 - round 0, cold: the row caches are empty and the table file's pages are out of the page cache;
 - rounds 1..R-1, "new text": new prompts and seed every round (the row caches keep what they
   learnt); rows not in the row cache come from the disk;
 - then, after one unmeasured pass, the same prompts again ("repeat", warm): every row is in the
   page cache or the row cache.
-Before every disk run of the cold and new-text rounds the file is evicted from the page cache
+Before every pair of the cold and new-text rounds the file is evicted from the page cache
 (the mmap stores unmap their pages, MADV_DONTNEED, then POSIX_FADV_DONTNEED on the file): the two
 disk models read the same rows, so without this the second to run would find the first's pages.
-Decode tokens/s per model, medians, disk/RAM ratios; per reader: bytes read from storage per row
+Speed ratios per reader (disk decode speed / RAM's); per reader: bytes read from storage per row
 served (/proc/self/io read_bytes, and the reader's own counters), the hidden-read fraction (share
 of row-read time that overlapped compute), the hot-row cache's hit rate; resident memory
 (VmRSS = RssAnon + RssFile: mapped table pages count as RssFile, pread's page-cache pages do not).
@@ -43,7 +49,7 @@ import machine  # benchmarks/machine.py
 import torch
 from prompts import PROMPTS  # benchmarks/prompts.py: four per round, new text every round
 
-from engram.generate import generate
+from engram.generate import Decoder
 from engram.presets import demo_engram
 from engram.serving import TierConfig, open_table
 from engram.store import CachedRowStore, Prefetcher, PrefetchingStore, write_table
@@ -168,28 +174,7 @@ def main() -> None:
     io_bytes = dict.fromkeys(readers, 0)
     hidden: dict[str, list[float]] = {r: [] for r in readers}
     reads: dict[str, list[float]] = {r: [] for r in readers}
-
-    def run(name: str, i: int, text_round: int) -> float:
-        parts = models[name]
-        texts = [PROMPTS[(4 * text_round + j) % len(PROMPTS)] for j in range(4)]
-        b0 = proc_read_bytes() or 0
-        res = generate(
-            parts.model, [ref.tokenizer.encode(t).ids for t in texts], indexer=parts.indexer,
-            max_new_tokens=args.tokens, temperature=0.8, top_k=40, seed=text_round,
-            prefill_chunk=args.prefill_chunk,
-        )  # fmt: skip
-        if name != "ram":
-            io_bytes[name] += (proc_read_bytes() or 0) - b0
-            dec = res.stats["rows"]["decode"]
-            hidden[name].append(dec["hidden_fraction"])
-            reads[name].append(dec["read_s"] / max(res.steps, 1) * 1e3)
-        run.tokens[name] = res.tokens  # type: ignore[attr-defined]
-        return res.tokens_per_s
-
-    run.tokens = {}  # type: ignore[attr-defined]
-    names = ["ram", *readers]
-    tps: dict[str, list[float]] = {n: [] for n in names}
-    kinds: list[str] = []
+    tokens: dict[str, list[list[int]]] = {}
 
     def evict() -> None:
         for inner in inners.values():
@@ -197,44 +182,76 @@ def main() -> None:
                 inner.release_pages()
         drop_cache(path)
 
+    def decoder(name: str, text_round: int) -> Decoder:
+        parts = models[name]
+        texts = [PROMPTS[(4 * text_round + j) % len(PROMPTS)] for j in range(4)]
+        return Decoder(
+            parts.model, [ref.tokenizer.encode(t).ids for t in texts], indexer=parts.indexer,
+            max_new_tokens=args.tokens, temperature=0.8, top_k=40, seed=text_round,
+            prefill_chunk=args.prefill_chunk,
+        )  # fmt: skip
+
+    def pair(r: str, i: int, text_round: int, measured: bool = True) -> tuple[float, float]:
+        """RAM and reader `r` in lockstep: (RAM time / disk time over the decode steps, the
+        median of the per-step ratios)."""
+        gc.collect()
+        b0 = proc_read_bytes() or 0
+        decs = {"ram": decoder("ram", text_round), r: decoder(r, text_round)}
+        order = ["ram", r] if i % 2 == 0 else [r, "ram"]
+        for n in order:
+            decs[n].prefill()
+        while not all(d.finished for d in decs.values()):
+            for n in order:
+                decs[n].step()
+        ram_res, res = decs["ram"].result(), decs[r].result()
+        if not measured:
+            return 0.0, 0.0
+        io_bytes[r] += (proc_read_bytes() or 0) - b0
+        dec = res.stats["rows"]["decode"]
+        hidden[r].append(dec["hidden_fraction"])
+        reads[r].append(dec["read_s"] / max(res.steps, 1) * 1e3)
+        tokens[r] = res.tokens
+        a, b = ram_res.stats["decode_step_s"], res.stats["decode_step_s"]
+        return sum(a) / sum(b), statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+    speed: dict[str, list[float]] = {r: [] for r in readers}
+    step_ratio: dict[str, list[float]] = {r: [] for r in readers}
+    kinds: list[str] = []
     total = args.rounds + args.repeat_rounds
     for i in range(total):
         kind = "cold" if i == 0 else ("new text" if i < args.rounds else "repeat")
         text_round = i if i < args.rounds else 1
         if i == args.rounds:  # warm the page cache and the row caches on the repeated text
             for r in readers:
-                run(r, i, text_round)
-        order = names[i % len(names) :] + names[: i % len(names)]
-        for n in order:
-            if kind != "repeat" and n != "ram":
+                pair(r, i, text_round, measured=False)
+        for r in readers[i % len(readers) :] + readers[: i % len(readers)]:
+            if kind != "repeat":
                 evict()
-            gc.collect()
-            tps[n].append(run(n, i, text_round))
-        if len(readers) > 1:
-            first = run.tokens[readers[0]]  # type: ignore[attr-defined]
-            for r in readers[1:]:
-                assert run.tokens[r] == first, f"round {i}: {r} and {readers[0]} disagree"  # type: ignore[attr-defined]
+            ratio, per_step = pair(r, i, text_round)
+            speed[r].append(ratio)
+            step_ratio[r].append(per_step)
+        for r in readers[1:]:
+            assert tokens[r] == tokens[readers[0]], f"round {i}: {r} and {readers[0]} disagree"
         kinds.append(kind)
-        line = ", ".join(f"{n} {tps[n][-1]:.1f}" for n in names)
-        print(f"round {i} ({kind}): tok/s {line}; rss {rss()}", flush=True)
+        line = ", ".join(
+            f"{r} {speed[r][-1]:.3f}x (steps {step_ratio[r][-1]:.3f}x)" for r in readers
+        )
+        print(f"round {i} ({kind}): speed vs RAM {line}; rss {rss()}", flush=True)
 
-    def med(n: str, kind: str) -> float:
-        return statistics.median(v for v, k in zip(tps[n], kinds, strict=True) if k == kind)
-
-    print("\ndecode tokens/s (4 sequences), disk model vs the RAM model in the same rounds:")
+    print("\ndecode speed vs the RAM model decoding in lockstep (RAM time / disk time):")
     for kind in ("cold", "new text", "repeat"):
         if kind not in kinds:
             continue
-        ra = med("ram", kind)
-        parts_ = [f"RAM {ra:.1f}"]
+        parts_ = []
         for r in readers:
-            rd = med(r, kind)
-            parts_.append(f"{r} {rd:.1f} ({rd / ra:.3f}x, {(1 - rd / ra) * 100:+.1f}% slower)")
-        per_round = {
-            r: [f"{d / a:.3f}" for d, a, k in zip(tps[r], tps["ram"], kinds, strict=True) if k == kind]
-            for r in readers
-        }  # fmt: skip
-        print(f"  {kind:8s}: " + "; ".join(parts_) + f"; per-round ratios {per_round}")
+            v = [x for x, k in zip(speed[r], kinds, strict=True) if k == kind]
+            st = [x for x, k in zip(step_ratio[r], kinds, strict=True) if k == kind]
+            med = statistics.median(v)
+            parts_.append(
+                f"{r} {med:.3f}x ({(1 / med - 1) * 100:+.1f}% time; rounds "
+                f"{min(v):.3f}-{max(v):.3f}; per-step median {statistics.median(st):.3f}x)"
+            )
+        print(f"  {kind:8s} ({len(v)} rounds): " + "; ".join(parts_))
     print("\nper reader (all rounds):")
     for r in readers:
         top, cache, inner = tops[r], caches[r], inners[r]

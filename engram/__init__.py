@@ -19,7 +19,7 @@ from engram.compress import TokenizerCompressor
 from engram.config import EngramConfig, demo_config, small_config
 from engram.corpus import iter_builtin_documents, load_builtin_corpus
 from engram.data import DataConfig
-from engram.generate import GenerationResult, generate
+from engram.generate import Decoder, GenerationResult, generate
 from engram.hashing import HashStream, NgramHasher
 from engram.indexer import NgramIndexer
 from engram.layer import Engram
@@ -38,6 +38,7 @@ from engram.version import __version__
 __all__ = [
     "CachedRowStore",
     "DataConfig",
+    "Decoder",
     "Engram",
     "EngramConfig",
     "EngramLM",

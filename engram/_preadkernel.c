@@ -13,13 +13,18 @@
  *   2 ADVISE  posix_fadvise(POSIX_FADV_WILLNEED) on every remembered job, so the kernel queues
  *             their disk reads together (queue depth = the request's misses)...
  *   then      ...blocking pread of every remembered job, in file order (short reads continue).
+ *   4 NOWAIT_ONLY  stop after phases 1 and 2: the remembered jobs are left unread (their
+ *             disk reads already queued by ADVISE) for the caller to finish later, e.g. on a
+ *             prefetch thread; a partially copied job is remembered whole. Without RWF_NOWAIT
+ *             every job is remembered.
  * A read that returns 0 bytes before `eof_ok_from` means the file is shorter than its header
  * said (truncated after it was opened): the call returns 1. At or past `eof_ok_from` (aligned
  * O_DIRECT spans that run past the end of the file) the rest of the job is simply not needed.
  *
  * Returns 0 on success, 1 on a truncated file, -errno on a failed read.
  * counts: [0] reads that returned data, [1] jobs served whole without blocking, [2] 1 if the
- * filesystem refused RWF_NOWAIT. `scratch` holds n int64 (the remembered jobs).
+ * filesystem refused RWF_NOWAIT, [3] jobs remembered. `scratch` holds n int64 (the remembered
+ * jobs, in order: with NOWAIT_ONLY, the jobs the caller still has to read).
  *
  * Loaded with ctypes; PyInit exists only so that the build system treats this file as an
  * ordinary (optional) extension module. Without a compiler engram.store.pread reads in Python.
@@ -35,6 +40,7 @@
 
 #define ENGRAM_NOWAIT 1
 #define ENGRAM_ADVISE 2
+#define ENGRAM_NOWAIT_ONLY 4
 
 static int read_fully(int fd, int64_t off, int64_t len, char *dst, int64_t eof_ok_from,
                       int64_t *reads) {
@@ -58,7 +64,9 @@ int engram_pread_jobs(int fd, int64_t n, const int64_t *off, const int64_t *len,
                       int64_t *counts, int64_t *scratch) {
     int64_t reads = 0, cached = 0, npend = 0;
     int nowait = (flags & ENGRAM_NOWAIT) != 0;
+    int only = (flags & ENGRAM_NOWAIT_ONLY) != 0;
     counts[2] = 0;
+    counts[3] = 0;
 #ifndef RWF_NOWAIT
     nowait = 0;
 #endif
@@ -77,6 +85,11 @@ int engram_pread_jobs(int fd, int64_t n, const int64_t *off, const int64_t *len,
                 cached++;
                 continue;
             }
+            if (got > 0 && only) { /* a partial copy: the caller reads the whole job later */
+                reads++;
+                scratch[npend++] = i;
+                continue;
+            }
             if (got > 0) { /* a partial copy: finish it the blocking way */
                 reads++;
                 int rc = read_fully(fd, off[i] + got, len[i] - got, buf + at[i] + got,
@@ -93,10 +106,16 @@ int engram_pread_jobs(int fd, int64_t n, const int64_t *off, const int64_t *len,
         for (int64_t i = 0; i < n; i++) scratch[i] = i;
         npend = n;
     }
-    if ((flags & ENGRAM_ADVISE) && npend > 1)
+    if ((flags & ENGRAM_ADVISE) && (npend > 1 || (only && npend > 0)))
         for (int64_t k = 0; k < npend; k++)
             (void)posix_fadvise(fd, (off_t)off[scratch[k]], (off_t)len[scratch[k]],
                                 POSIX_FADV_WILLNEED);
+    counts[3] = npend;
+    if (only) {
+        counts[0] = reads;
+        counts[1] = cached;
+        return 0;
+    }
     for (int64_t k = 0; k < npend; k++) {
         int64_t i = scratch[k];
         int rc = read_fully(fd, off[i], len[i], buf + at[i], eof_ok_from, &reads);

@@ -21,8 +21,14 @@ Design choices:
   model given the same arguments compute the same bits). In a decode step the just-sampled
   token is hashed and its rows requested before anything else (the logits copy, the per-sequence
   bookkeeping, the embedding), so the reads have the longest head start possible.
+- `generate` is `Decoder(...).run()`: a `Decoder` holds that state and advances it one call at a
+  time (`prefill()`, then `step()` until it returns False), so a caller can stream tokens or
+  interleave several decoders step by step; each step's wall time is kept (`stats
+  ["decode_step_s"]`), since a per-step median is a steadier speed measure than tokens/s of one
+  short run. Every call runs under `torch.no_grad()`.
 - Overlap is measured, not assumed: `GenerationResult.stats["rows"]` has, for prefill and for
-  decoding, the seconds spent reading rows (prefetch worker + synchronous reads), the seconds the
+  decoding, the seconds spent reading rows (prefetch worker, rows at hand served when requested,
+  synchronous reads), the seconds the
   model thread was blocked on them, and the hidden fraction 1 - blocked / read.
 - Sampling: temperature 0 is greedy; otherwise softmax(logits / temperature), optionally
   restricted to the top k and/or to the smallest set of likeliest tokens whose probability
@@ -175,14 +181,13 @@ def _overlap(before: tuple[float, float], after: tuple[float, float]) -> dict[st
     return {"read_s": read, "blocked_s": blocked, "hidden_fraction": hidden}
 
 
-def _prefetch(model: EngramLM, rows: Tensor | None, mask: Tensor | None) -> None:
+def _prefetch(model: EngramLM, rows: Sequence[Tensor] | None, mask: Tensor | None) -> None:
     if rows is None:
         return
     for i, layer in enumerate(model.engram_layers().values()):
         layer.prefetch(rows[i], mask)
 
 
-@torch.no_grad()
 def _check_args(
     model: EngramLM,
     prompts: list[list[int]],
@@ -248,20 +253,17 @@ def _prefill(
     rows_all = None if rowstream is None else rowstream(raw, first)  # (L, B, P, H)
     idx_all = torch.from_numpy(raw).to(device)
     mask_all = torch.from_numpy(live).to(device)
+    # per chunk: one (B, t, H) tensor per layer and the mask, the same objects for the prefetch
+    # and the forward (a layer recognises the ids it prefetched by identity)
+    rows_c = [None if rows_all is None else rows_all[:, :, s:e].unbind(0) for s, e in bounds]
+    mask_c = [mask_all[:, s:e] for s, e in bounds]
     last = None
     for c, (s, e) in enumerate(bounds):
         if c == 0:
-            _prefetch(model, None if rows_all is None else rows_all[:, :, s:e], mask_all[:, s:e])
-        if c + 1 < len(bounds) and rows_all is not None:
-            s2, e2 = bounds[c + 1]
-            _prefetch(model, rows_all[:, :, s2:e2], mask_all[:, s2:e2])
-        out = model(
-            idx_all[:, s:e],
-            None if rows_all is None else rows_all[:, :, s:e],
-            mask=mask_all[:, s:e],
-            cache=cache,
-            return_logits=True,
-        )
+            _prefetch(model, rows_c[0], mask_c[0])
+        if c + 1 < len(bounds):
+            _prefetch(model, rows_c[c + 1], mask_c[c + 1])
+        out = model(idx_all[:, s:e], rows_c[c], mask=mask_c[c], cache=cache, return_logits=True)
         last = out.logits[:, -1]  # (B, V)
     assert last is not None
     return last
@@ -278,45 +280,146 @@ class _Sampling:
     eos_id: int | None
 
 
-def _decode(
-    model: EngramLM,
-    cache: DecodeCache,
-    rowstream: RowStream | None,
-    last: Tensor,
-    max_new_tokens: int,
-    sampling: _Sampling,
-    logits_out: list[Tensor] | None,
-) -> tuple[list[list[int]], int]:
-    """One token per sequence per step from the prefill's `last` logits: (new tokens, steps).
+class Decoder:
+    """`generate`, one step at a time: prefill, then one token per sequence per `step()`.
 
-    Appends each step's logits to `logits_out` when given."""
-    device = model.tok_emb.weight.device
-    B = last.shape[0]
-    new: list[list[int]] = [[] for _ in range(B)]
-    done = np.zeros(B, dtype=bool)
-    steps = 0
-    for step in range(max_new_tokens):
+    Takes `generate`'s arguments. `prefill()` feeds the prompts; each `step()` samples the next
+    token of every sequence from the last logits and, unless that was the last token, runs the
+    model on it (the row reads for the new token go out first). `step()` returns False once the
+    batch is finished (`max_new_tokens` reached or every sequence met `eos_id`); `result()` is
+    what `generate` returns. Several decoders may run interleaved, step by step (the benchmarks
+    do, so that two models share every slow or fast moment of the machine alike).
+    """
+
+    def __init__(
+        self,
+        model: EngramLM,
+        prompts: Sequence[Sequence[int]],
+        *,
+        indexer: NgramIndexer | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        eos_id: int | None = None,
+        prefill_chunk: int | None = None,
+        pad_id: int = 0,
+        return_logits: bool = False,
+    ) -> None:
+        self.prompts = _check_prompts(prompts, model.cfg.vocab_size)
+        _check_args(
+            model, self.prompts, indexer, max_new_tokens, temperature, top_k, top_p, prefill_chunk
+        )
+        self.model = model
+        self.max_new_tokens = max_new_tokens
+        self.prefill_chunk = prefill_chunk
+        self._padded = _left_pad(self.prompts, pad_id)
+        B, P = self._padded[0].shape
+        self._device = model.tok_emb.weight.device
+        self._cache: DecodeCache = model.new_cache(B, P + max_new_tokens, self._device)
+        self._rowstream = RowStream(indexer, B) if model.layer_ids and indexer is not None else None
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        self._sampling = _Sampling(temperature, top_k, top_p, gen, eos_id)
+        self.logits: list[Tensor] | None = [] if return_logits else None
+        self.tokens: list[list[int]] = [[] for _ in range(B)]  # new ids per prompt so far
+        self.step_s: list[float] = []  # wall time of each step that ran the model
+        self.steps = 0  # decode steps that ran the model
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
+        self.finished = False
+        self._done = np.zeros(B, dtype=bool)
+        self._last: Tensor | None = None  # (B, V) logits of each sequence's last position
+        self._clocks: list[tuple[float, float]] = []
+        self._produced = 0  # tokens sampled per sequence so far (finished sequences included)
+
+    def prefill(self) -> None:
+        """Feed the prompts (in chunks of `prefill_chunk`); call once, before `step`."""
+        if self._last is not None:
+            raise RuntimeError("Decoder.prefill: the prompts were already fed")
+        self._clocks.append(_read_clock(self.model))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self._last = _prefill(
+                self.model, self._cache, self._rowstream, self._padded, self.prefill_chunk
+            )
+        self.prefill_s = time.perf_counter() - t0
+        self._clocks.append(_read_clock(self.model))
+        self.finished = self.max_new_tokens == 0
+
+    def step(self) -> bool:
+        """Sample one token per sequence and run the model on it; False once finished."""
+        if self._last is None:
+            raise RuntimeError("Decoder.step: call prefill() first")
+        if self.finished:
+            return False
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            more = self._step()
+        elapsed = time.perf_counter() - t0
+        self.decode_s += elapsed
+        if more:
+            self.step_s.append(elapsed)
+        return more
+
+    def _step(self) -> bool:
+        last, sampling, B = self._last, self._sampling, len(self.prompts)
+        assert last is not None
         nxt = sample_next(
             last, sampling.temperature, sampling.top_k, sampling.generator, sampling.top_p
         )  # (B,)
         ids = nxt.cpu().numpy()
-        more = step < max_new_tokens - 1
+        more = self._produced + 1 < self.max_new_tokens
+        rows = None
         if more:  # the next step's row reads go out first (a stop at eos wastes one read)
             raw_step = ids.reshape(B, 1).astype(np.int64)
-            rows = None if rowstream is None else rowstream(raw_step)  # (L, B, 1, H)
-            _prefetch(model, rows, None)
-        if logits_out is not None:
-            logits_out.append(last.detach().clone())
+            if self._rowstream is not None:
+                rows = self._rowstream(raw_step).unbind(0)  # L x (B, 1, H)
+            _prefetch(self.model, rows, None)
+        if self.logits is not None:
+            self.logits.append(last.detach().clone())
         for b in range(B):
-            if not done[b]:
-                new[b].append(int(ids[b]))
-                done[b] = sampling.eos_id is not None and int(ids[b]) == sampling.eos_id
-        if done.all() or not more:
-            break
-        out = model(torch.from_numpy(raw_step).to(device), rows, cache=cache, return_logits=True)
-        last = out.logits[:, -1]
-        steps += 1
-    return new, steps
+            if not self._done[b]:
+                self.tokens[b].append(int(ids[b]))
+                self._done[b] = sampling.eos_id is not None and int(ids[b]) == sampling.eos_id
+        self._produced += 1
+        if self._done.all() or not more:
+            self.finished = True
+            return False
+        out = self.model(
+            torch.from_numpy(raw_step).to(self._device), rows, cache=self._cache,
+            return_logits=True,
+        )  # fmt: skip
+        self._last = out.logits[:, -1]
+        self.steps += 1
+        return True
+
+    def run(self) -> GenerationResult:
+        """Prefill (if not done yet), step until finished, and return the result."""
+        if self._last is None:
+            self.prefill()
+        while self.step():
+            pass
+        return self.result()
+
+    def result(self) -> GenerationResult:
+        """What `generate` returns, for the steps run so far."""
+        stats: dict[str, Any] = {"decode_step_s": list(self.step_s)}
+        if self.model.layer_ids and len(self._clocks) == 2:
+            now = _read_clock(self.model)
+            stats["rows"] = {
+                "prefill": _overlap(self._clocks[0], self._clocks[1]),
+                "decode": _overlap(self._clocks[1], now),
+            }
+        return GenerationResult(
+            prompts=self.prompts,
+            tokens=[list(t) for t in self.tokens],
+            prefill_s=self.prefill_s,
+            decode_s=self.decode_s,
+            steps=self.steps,
+            logits=None if self.logits is None else list(self.logits),
+            stats=stats,
+        )
 
 
 def generate(
@@ -339,40 +442,11 @@ def generate(
     `indexer` (the run's `NgramIndexer`) is required for a model with Engram layers.
     `prefill_chunk` feeds long prompts in chunks of that many slots (None = one call).
     `pad_id` fills the left padding (any valid id: padding is never read).
+    `stats["decode_step_s"]` has each decode step's wall time; `Decoder` runs the same steps
+    one at a time.
     """
-    prompts_ = _check_prompts(prompts, model.cfg.vocab_size)
-    _check_args(model, prompts_, indexer, max_new_tokens, temperature, top_k, top_p, prefill_chunk)
-    device = model.tok_emb.weight.device
-    padded = _left_pad(prompts_, pad_id)
-    B, P = padded[0].shape
-    cache: DecodeCache = model.new_cache(B, P + max_new_tokens, device)
-    rowstream = RowStream(indexer, B) if model.layer_ids and indexer is not None else None
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    logits_out: list[Tensor] | None = [] if return_logits else None
-
-    clock0 = _read_clock(model)
-    t0 = time.perf_counter()
-    last = _prefill(model, cache, rowstream, padded, prefill_chunk)
-    prefill_s = time.perf_counter() - t0
-    clock1 = _read_clock(model)
-
-    t1 = time.perf_counter()
-    sampling = _Sampling(temperature, top_k, top_p, gen, eos_id)
-    new, steps = _decode(model, cache, rowstream, last, max_new_tokens, sampling, logits_out)
-    decode_s = time.perf_counter() - t1
-    clock2 = _read_clock(model)
-    stats: dict[str, Any] = {}
-    if model.layer_ids:
-        stats["rows"] = {
-            "prefill": _overlap(clock0, clock1),
-            "decode": _overlap(clock1, clock2),
-        }
-    return GenerationResult(
-        prompts=prompts_,
-        tokens=new,
-        prefill_s=prefill_s,
-        decode_s=decode_s,
-        steps=steps,
-        logits=logits_out,
-        stats=stats,
-    )
+    return Decoder(
+        model, prompts, indexer=indexer, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id, prefill_chunk=prefill_chunk,
+        pad_id=pad_id, return_logits=return_logits,
+    ).run()  # fmt: skip

@@ -22,6 +22,10 @@ Design choices:
   an error names the sub-table, the offending id and that sub-table's size. It never hashes and
   never knows which tier of the `RowStore` served a row; `lookup` is public so analysis code (and a
   caller that wants the gathered memory) can reuse it.
+- `prefetch(rows, mask)` hands the store the global ids early (a tiered store starts reading);
+  the layer remembers them, and a `lookup` of the SAME `rows` and `mask` objects, unchanged
+  since (same version counters), reuses those ids instead of recomputing and re-checking them,
+  so the store recognises its prefetch by identity. Any other call computes them afresh.
 - Parameter names follow the demo (`key_projs`, `value_proj`, `norm1`, `norm2`,
   `short_conv.conv`, `short_conv.norms`) so its weights map one to one; the table lives in
   `store` (`store.weight` for the in-memory store). Projections carry a bias, as the demo's
@@ -184,6 +188,14 @@ class ShortConv(nn.Module):
         return y, new_state
 
 
+def _versions(rows: Tensor, mask: Tensor | None) -> tuple[int, int] | None:
+    """The version counters (bumped by in-place writes) of `rows` and `mask`; None for an
+    inference tensor, which has none."""
+    if rows.is_inference() or (mask is not None and mask.is_inference()):
+        return None
+    return rows._version, -1 if mask is None else mask._version
+
+
 class Engram(nn.Module):
     """One Engram layer: lookup (via a `RowStore`), per-branch gate, shared value, short conv.
 
@@ -247,6 +259,7 @@ class Engram(nn.Module):
         self.signed_sqrt_gate = bool(signed_sqrt_gate)
         self.use_short_conv = bool(use_short_conv)
         self.check_rows = bool(check_rows)
+        self._prefetched: tuple[Any, ...] | None = None  # (rows, mask, versions, global ids)
         self.n_subtables = len(sizes)
         self.memory_dim = self.n_subtables * self.head_dim  # E
         total_rows = sum(sizes)
@@ -420,7 +433,17 @@ class Engram(nn.Module):
 
     def lookup(self, rows: Tensor, mask: Tensor | None = None) -> Tensor:
         """Local row ids (B, T, H) -> concatenated memory e (B, T, H*dh)."""
-        e = self.store.gather(self.global_rows(rows, mask))  # (B, T, H, dh)
+        memo, self._prefetched = self._prefetched, None
+        if (
+            memo is not None
+            and memo[0] is rows
+            and memo[1] is mask
+            and memo[2] == _versions(rows, mask)
+        ):
+            global_rows = memo[3]  # the very ids `prefetch` handed the store
+        else:
+            global_rows = self.global_rows(rows, mask)
+        e = self.store.gather(global_rows)  # (B, T, H, dh)
         return e.flatten(start_dim=-2)  # (B, T, E)
 
     def prefetch(self, rows: Tensor, mask: Tensor | None = None) -> bool:
@@ -433,7 +456,10 @@ class Engram(nn.Module):
         prefetch = getattr(self.store, "prefetch", None)
         if prefetch is None:
             return False
-        prefetch(self.global_rows(rows, mask))
+        global_rows = self.global_rows(rows, mask)
+        versions = _versions(rows, mask)
+        self._prefetched = None if versions is None else (rows, mask, versions, global_rows)
+        prefetch(global_rows)
         return True
 
     def set_store(self, store: RowStore) -> None:

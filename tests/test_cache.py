@@ -24,7 +24,8 @@ from engram.analysis.access import (
     static_hit_rate,
 )
 from engram.store import CachedRowStore, MemoryRowStore, RowOutOfRangeError, RowStore
-from engram.store.base import check_row_ids
+from engram.store.base import PartialGather, check_row_ids
+from engram.store.cache import kernel_available as cache_kernel_available
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -470,3 +471,109 @@ def test_real_corpus_access(analysis_env, tmp_path) -> None:
     ids, counts = row_access_counts(indexer, tokens, layer)
     assert counts.sum() == 300 * H and np.all(np.diff(counts) <= 0)
     assert ids.min() >= 0 and ids.max() < report.num_rows
+
+
+class HalfReadyStore(FunctionStore):
+    """A FunctionStore with `gather_nowait`: ids divisible by 3 'would wait' (left pending)."""
+
+    def __init__(self, num_rows: int) -> None:
+        super().__init__(num_rows)
+        self.nowait_calls = 0
+        self.finished: list[list[int]] = []
+
+    def gather_nowait(self, rows: Tensor) -> PartialGather:
+        self.nowait_calls += 1
+        flat = rows.reshape(-1).long()
+        out = self.rows_of(flat)
+        out[flat % 3 == 0] = float("nan")  # not filled yet
+        pending = torch.nonzero(flat % 3 == 0).view(-1).numpy()
+        if pending.size == 0:
+            return PartialGather(out.view(*rows.shape, 4), pending, None)
+
+        def finish() -> None:
+            self.finished.append(flat[pending].tolist())
+            out[torch.from_numpy(pending)] = self.gather(flat[torch.from_numpy(pending)])
+
+        return PartialGather(out.view(*rows.shape, 4), pending, finish)
+
+
+@pytest.mark.parametrize("inner_kind", ["nowait", "plain"])
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10**6), policy=st.sampled_from(["lfu", "lru"]))
+def test_gather_nowait_then_finish_makes_the_decisions_of_gather(
+    inner_kind: str, seed: int, policy: str
+) -> None:
+    """gather_nowait + finish returns gather's rows and leaves the same stats and resident set;
+    only the misses the inner store could not serve at once are pending (every miss, for an
+    inner store without gather_nowait)."""
+    rng = np.random.default_rng(seed)
+    calls = [zipf_ids(rng, int(rng.choice([1, 5, 40, 300])), 500, s=1.1) for _ in range(25)]
+    make = (lambda: HalfReadyStore(500)) if inner_kind == "nowait" else (lambda: FunctionStore(500))
+    a = CachedRowStore(make(), capacity_rows=60, policy=policy)
+    b = CachedRowStore(make(), capacity_rows=60, policy=policy)
+    for ids in calls:
+        resident = set(b.resident_ids().tolist())
+        expected = a.gather(ids)
+        part = b.gather_nowait(ids)
+        flat = ids.reshape(-1)
+        misses = [i for i, x in enumerate(flat.tolist()) if x not in resident]
+        if inner_kind == "nowait":
+            misses = [i for i in misses if flat[i] % 3 == 0]
+        assert part.pending.tolist() == misses
+        served = np.setdiff1d(np.arange(flat.numel()), part.pending)
+        assert torch.equal(part.out.view(-1, 4)[served], expected.view(-1, 4)[served])
+        if part.finish is not None:
+            part.finish()
+        assert torch.equal(part.out, expected)
+        assert a.stats() == b.stats()
+        assert a.resident_ids().tolist() == b.resident_ids().tolist()
+        check_internal_invariants(b)
+
+
+def test_gather_nowait_finish_skips_admission_after_a_write() -> None:
+    inner = HalfReadyStore(100)
+    cache = CachedRowStore(inner, capacity_rows=10)
+    part = cache.gather_nowait(torch.tensor([3, 6, 7]))
+    assert part.pending.tolist() == [0, 1]  # 3 and 6 would wait; 7 was served
+    cache.invalidate()  # a write in between: the fetched rows may be stale, never cache them
+    assert part.finish is not None
+    part.finish()
+    assert torch.equal(part.out, inner.rows_of(torch.tensor([3, 6, 7])))
+    assert cache.resident == 0
+
+
+@pytest.mark.skipif(not cache_kernel_available(), reason="the C probe is not built")
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 10**6),
+    policy=st.sampled_from(["lfu", "lru"]),
+    capacity=st.sampled_from([1, 7, 50, 300]),
+    sample_size=st.sampled_from([None, 60]),
+)
+def test_c_probe_makes_the_decisions_of_numpy(
+    seed: int, policy: str, capacity: int, sample_size: int | None
+) -> None:
+    """The C probe of small requests (memo, sketch, estimates; aging every `sample_size`
+    additions) leaves the same rows, stats, resident set and scores as the numpy path."""
+    rng = np.random.default_rng(seed)
+    inner = MemoryRowStore(2000, 3, seed=seed % 1000)
+    calls = [zipf_ids(rng, int(rng.choice([1, 2, 7, 30, 128])), 2000, s=1.1) for _ in range(40)]
+    caches = [
+        CachedRowStore(
+            inner, capacity_rows=capacity, policy=policy, sample_size=sample_size, kernel=k
+        )
+        for k in (True, False)
+    ]
+    assert caches[0]._kernel is not None and caches[1]._kernel is None
+    for i, ids in enumerate(calls):
+        outs = [c.gather(ids) for c in caches]
+        assert torch.equal(outs[0], outs[1])
+        if i == 20:
+            for c in caches:
+                c.invalidate(ids.reshape(-1)[:3])
+        a, b = caches
+        assert a.stats() == b.stats()
+        assert a.resident_ids().tolist() == b.resident_ids().tolist()
+        assert np.array_equal(a._score, b._score) and np.array_equal(a._sketch, b._sketch)
+        assert np.array_equal(a._memo, b._memo)
+        check_internal_invariants(a)

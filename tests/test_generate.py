@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engram.generate import generate, sample_next
+from engram.generate import Decoder, generate, sample_next
 from engram.presets import tiny_engram, tiny_moe
 from engram.tokenizer import EOT_ID
 from engram.train import RunParts, build_run
@@ -188,3 +188,43 @@ def test_bad_requests_are_refused(runs) -> None:
     with pytest.raises(ValueError, match="cache capacity 2 exceeded"):
         ids = torch.tensor([[1, 2, 3]])
         m(ids, torch.as_tensor(ix.rows(ids.numpy())), cache=cache)
+
+
+def test_decoder_steps_interleaved_equal_generate(runs) -> None:
+    """Two decoders advanced step by step, in turn, produce generate's tokens and logits."""
+    kw = {"max_new_tokens": 6, "temperature": 0.9, "top_k": 20, "return_logits": True}
+    parts = runs["hc"]
+    ref = [
+        generate(parts.model, _prompts(parts), indexer=parts.indexer, seed=s, **kw)
+        for s in (1, 2)
+    ]
+    decs = [Decoder(parts.model, _prompts(parts), indexer=parts.indexer, seed=s, **kw) for s in (1, 2)]
+    for d in decs:
+        d.prefill()
+    while any(not d.finished for d in decs):
+        for d in decs:
+            d.step()
+    for r, d in zip(ref, decs, strict=True):
+        res = d.result()
+        assert res.tokens == r.tokens and res.steps == r.steps == 5
+        assert all(torch.equal(a, b) for a, b in zip(res.logits, r.logits, strict=True))
+        assert len(res.stats["decode_step_s"]) == res.steps
+        assert all(t > 0 for t in res.stats["decode_step_s"])
+        assert not res.logits[0].requires_grad  # decoding builds no autograd graph
+    assert not decs[0].step()  # finished: stepping again is a no-op
+    with pytest.raises(RuntimeError, match="prefill"):
+        Decoder(parts.model, _prompts(parts), indexer=parts.indexer).step()
+    with pytest.raises(RuntimeError, match="already"):
+        decs[0].prefill()
+
+
+def test_model_takes_rows_per_layer(runs) -> None:
+    parts = runs["hc"]
+    idx = torch.tensor([parts.tokenizer.encode("In the beginning God created").ids])
+    rows = torch.from_numpy(parts.indexer.rows(idx.numpy()))  # (L, B, T, H)
+    with torch.no_grad():
+        whole = parts.model(idx, rows, return_logits=True).logits
+        split = parts.model(idx, list(rows.unbind(0)), return_logits=True).logits
+    assert torch.equal(whole, split)
+    with pytest.raises(ValueError, match="2 tensors of shape"):
+        parts.model(idx, [rows[0]])

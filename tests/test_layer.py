@@ -516,3 +516,53 @@ def test_from_config() -> None:
         table_sizes=[53, 59, 61, 67],
     )
     assert not plain.signed_sqrt_gate and plain.short_conv is None
+
+
+class _RecordingStore:
+    """Wraps a store; remembers the id tensors given to prefetch and gather."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.prefetched, self.gathered = inner, [], []
+        self.num_rows, self.dim, self.dtype = inner.num_rows, inner.dim, inner.dtype
+
+    def prefetch(self, rows: torch.Tensor) -> None:
+        self.prefetched.append(rows)
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        self.gathered.append(rows)
+        return self.inner.gather(rows)
+
+    def trainable_parameters(self) -> list:
+        return []
+
+    def apply_row_update(self, rows, delta) -> None:
+        raise NotImplementedError
+
+
+def test_lookup_reuses_the_prefetched_ids_only_for_the_same_unchanged_tensors() -> None:
+    from engram.layer import Engram
+
+    sizes = [7, 11, 13, 5]
+    layer = Engram(16, sizes, 4, 3, seed=0)
+    rows = torch.stack([torch.randint(0, s, (2, 6)) for s in sizes], dim=-1)  # (B, T, H)
+    expected = layer.lookup(rows).detach()
+    rec = _RecordingStore(layer.store)
+    layer.set_store(rec)
+    assert layer.prefetch(rows)
+    assert torch.equal(layer.lookup(rows), expected)
+    assert rec.gathered[-1] is rec.prefetched[-1]  # the very ids, not recomputed
+    assert torch.equal(layer.lookup(rows), expected)  # consumed: computed afresh
+    assert rec.gathered[-1] is not rec.prefetched[-1]
+    layer.prefetch(rows)
+    assert torch.equal(layer.lookup(rows.clone()), expected)  # another tensor: afresh
+    assert rec.gathered[-1] is not rec.prefetched[-1]
+    layer.prefetch(rows)
+    rows[0, 0, 0] = (rows[0, 0, 0] + 1) % sizes[0]  # written in place since the prefetch
+    again = layer.lookup(rows)
+    assert rec.gathered[-1] is not rec.prefetched[-1]
+    assert torch.equal(again, Engram(16, sizes, 4, 3, seed=0).lookup(rows).detach())
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    layer.prefetch(rows, mask)
+    assert torch.equal(layer.lookup(rows, mask), layer.lookup(rows, mask))
+    assert rec.gathered[-2] is rec.prefetched[-1]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from engram.store.base import RowOutOfRangeError, RowStore
+from engram.store.base import PartialGather, RowOutOfRangeError, RowStore, finish_by_gather
 from engram.store.memory import MemoryRowStore
 from engram.store.prefetch import Prefetcher, PrefetchHandle, PrefetchingStore
 
@@ -346,7 +346,7 @@ def test_inference_mode_ids(prefetcher: Prefetcher) -> None:
 
 
 def test_worker_exception_propagates_from_gather(prefetcher: Prefetcher) -> None:
-    inner = MemoryRowStore(9, 2)
+    inner = SlowStore(9, 2)  # no gather_nowait: the whole gather runs on the worker
     store = PrefetchingStore(inner, prefetcher)
     bad = torch.tensor([0, 9])
     store.prefetch(bad)
@@ -355,7 +355,7 @@ def test_worker_exception_propagates_from_gather(prefetcher: Prefetcher) -> None
     assert "prefetch worker" in "".join(traceback.format_exception(info.value))
     good = torch.tensor([1, 2])  # the worker survived
     store.prefetch(good)
-    assert torch.equal(store.gather(good), inner.weight.detach()[good])
+    assert torch.equal(store.gather(good), inner.expected(good))
     assert store.stats.prefetched_hits == 1
 
 
@@ -516,3 +516,65 @@ def test_engram_layer_lookup_served_by_prefetch(prefetcher: Prefetcher) -> None:
     assert layer.prefetch(rows)  # the layer computes the global ids; the store is the entry point
     assert torch.equal(layer.lookup(rows), expected)
     assert store.stats.prefetched_hits == 1 and store.stats.sync_gathers == 0
+
+
+def test_rows_at_hand_are_served_at_prefetch_without_a_job(prefetcher: Prefetcher) -> None:
+    inner = MemoryRowStore(30, 4, seed=5)  # RAM: everything at hand (gather_nowait)
+    store = PrefetchingStore(inner, prefetcher)
+    rows = torch.tensor([[1, 2], [29, 1]])
+    store.prefetch(rows)
+    assert prefetcher.pending == 0 and store.pending == 1
+    assert store.stats.ready_prefetches == 1 and store.stats.ready_time_s > 0
+    assert torch.equal(store.gather(rows.clone()), inner.weight.detach()[rows])
+    assert store.stats.prefetched_hits == 1 and store.stats.fetch_time_s == 0.0
+    bad = torch.tensor([0, 30])  # an error at prefetch surfaces from the consuming gather
+    store.prefetch(bad)
+    with pytest.raises(RowOutOfRangeError, match="row id 30"):
+        store.gather(bad)
+
+
+def test_only_the_reads_that_would_wait_go_to_the_worker(prefetcher: Prefetcher) -> None:
+    gate = threading.Event()
+
+    class PartlyReady(SlowStore):
+        """Even ids are at hand; odd ids wait for `gate` (on the worker)."""
+
+        asked: list[list[int]] = []
+
+        def gather(self, rows: Tensor) -> Tensor:
+            self.asked.append(rows.tolist())
+            return super().gather(rows)
+
+        def gather_nowait(self, rows: Tensor) -> PartialGather:
+            flat = rows.reshape(-1)
+            out = self.table.gather(flat).detach().clone()
+            pending = torch.nonzero(flat % 2 == 1).view(-1).numpy()
+            out[torch.from_numpy(pending)] = float("nan")
+            return PartialGather(
+                out.view(*rows.shape, self.dim),
+                pending,
+                finish_by_gather(self, flat, out, pending),
+            )
+
+    inner = PartlyReady(gate=gate)
+    store = PrefetchingStore(inner, prefetcher)
+    rows = torch.tensor([2, 3, 4, 5])
+    store.prefetch(rows)
+    assert inner.started.wait(timeout=5.0)  # the worker is reading ...
+    assert inner.calls == 1  # ... in one gather ...
+    gate.set()
+    out = store.gather(rows)
+    assert torch.equal(out, inner.expected(rows))
+    assert inner.asked == [[3, 5]]  # ... of the two odd ids only
+    assert store.stats.ready_prefetches == 0 and store.stats.fetch_time_s > 0
+
+
+def test_invalidate_drops_ready_prefetches(prefetcher: Prefetcher) -> None:
+    inner = MemoryRowStore(10, 3, seed=2)
+    store = PrefetchingStore(inner, prefetcher)
+    rows = torch.tensor([1, 4])
+    store.prefetch(rows)  # served at once, from the old rows
+    before = inner.weight.detach()[rows].clone()
+    store.apply_row_update(rows, torch.ones(2, 3))
+    assert store.pending == 0 and store.stats.invalidated == 1
+    assert torch.equal(store.gather(rows), before + 1)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -258,7 +259,7 @@ def test_composes_with_cache_and_prefetch(tmp_path: Path) -> None:
             assert torch.equal(top.gather(ids), ram[ids])
         assert top.stats.prefetched_hits == 6 and top.stats.sync_gathers == 0
         assert 0.0 <= top.stats.hidden_fraction <= 1.0
-        assert top.stats.read_time_s >= top.stats.fetch_time_s > 0
+        assert top.stats.read_time_s >= top.stats.fetch_time_s + top.stats.ready_time_s > 0
         stats = stack_stats({1: top})["1"]
     assert stats["reader"]["kind"] == "PreadRowStore"
     assert stats["reader"]["rows_served"] == cache.stats().unique_misses  # the cache's misses
@@ -389,3 +390,112 @@ def test_mmap_release_pages_keeps_the_rows(tmp_path: Path) -> None:
         mm.release_pages()
         assert torch.equal(mm.gather(ids), want)
         assert mm.stats().gathers == 2 and mm.stats().rows_served == 2 * ids.numel()
+
+
+def _evict(path: Path) -> None:
+    """Drop the file from the page cache (best effort: pages still on a CPU's LRU batch can
+    survive one call, so it is repeated)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        for _ in range(3):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            time.sleep(0.01)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+@pytest.mark.parametrize("variant", ["python", "kernel", "threads", "coalesce"])
+def test_gather_nowait_serves_cached_rows_and_finish_reads_the_rest(
+    tmp_path: Path, dtype: str, variant: str
+) -> None:
+    path = _table(tmp_path, dtype)
+    ids = _ids()
+    with PreadRowStore(path, **VARIANTS[variant]) as rd:
+        expected = rd.gather(ids)  # the rows are now in the page cache
+        warm = rd.gather_nowait(ids)
+        assert warm.complete and warm.pending.size == 0
+        assert torch.equal(warm.out, expected)
+
+        _evict(path)
+        before = rd.stats()
+        part = rd.gather_nowait(ids)
+        assert part.out.shape == expected.shape
+        flat = part.out.view(-1, DIM)
+        served = np.setdiff1d(np.arange(ids.numel()), part.pending)
+        assert torch.equal(flat[served], expected.view(-1, DIM)[served])  # served rows exact
+        if part.complete:
+            pytest.skip("this filesystem kept the file in the page cache after DONTNEED")
+        pending_ids = ids.view(-1)[part.pending]
+        # every occurrence of a pending id is pending, and no served id is
+        assert not np.isin(ids.view(-1)[served].numpy(), pending_ids.numpy()).any()
+        assert part.finish is not None
+        part.finish()
+        assert torch.equal(part.out, expected)
+        after = rd.stats()
+        assert after.rows_served - before.rows_served == ids.numel()  # each row counted once
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_gather_nowait_without_rwf_nowait_leaves_everything_to_finish(
+    tmp_path: Path, kernel: bool
+) -> None:
+    path = _table(tmp_path, "bfloat16")
+    ids = _ids()
+    with PreadRowStore(path, kernel=kernel) as rd:
+        expected = rd.gather(ids)
+        rd._nowait = False  # as on a filesystem that refuses RWF_NOWAIT (or with O_DIRECT)
+        part = rd.gather_nowait(ids)
+        assert not part.complete
+        assert np.array_equal(part.pending, np.arange(ids.numel()))
+        assert part.finish is not None
+        part.finish()
+        assert torch.equal(part.out, expected)
+
+
+def test_gather_nowait_direct_leaves_everything_to_finish(tmp_path: Path) -> None:
+    path = _table(tmp_path, "float32")
+    if not _direct_ok(path):
+        pytest.skip("no O_DIRECT on this filesystem")
+    ids = _ids()
+    with PreadRowStore(path, direct=True) as rd:
+        part = rd.gather_nowait(ids)
+        assert part.pending.size == ids.numel() and part.finish is not None
+        part.finish()
+        assert torch.equal(part.out, read_table(path)[ids])
+
+
+def test_gather_nowait_checks_ids_like_gather(tmp_path: Path) -> None:
+    with PreadRowStore(_table(tmp_path, "float32")) as rd:
+        with pytest.raises(RowOutOfRangeError, match=f"row id {NUM_ROWS}"):
+            rd.gather_nowait(torch.tensor([0, NUM_ROWS]))
+        with pytest.raises(TypeError, match="integer"):
+            rd.gather_nowait(torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="closed"):
+        rd.gather_nowait(torch.tensor([0]))
+
+
+def test_cache_prefetch_over_evicted_file_reads_misses_on_the_worker(tmp_path: Path) -> None:
+    """pread + row cache + prefetch: warm requests never reach the worker; after eviction the
+    worker reads only what would wait, and the values are exact throughout."""
+    path = _table(tmp_path, "float16")
+    ram = read_table(path)
+    rd = PreadRowStore(path, check_bounds=False)
+    cache = CachedRowStore(rd, capacity_rows=40, check_bounds=False)
+    with Prefetcher() as pf:
+        top = PrefetchingStore(cache, pf)
+        ids = _ids()
+        for _ in range(2):  # a warm page cache: served at prefetch, no worker job
+            top.prefetch(ids)
+            assert torch.equal(top.gather(ids), ram[ids])
+        assert top.stats.ready_prefetches == 2 and top.stats.fetch_time_s == 0.0
+        _evict(path)
+        other = (ids + 1000) % NUM_ROWS  # not in the row cache
+        top.prefetch(other)
+        assert torch.equal(top.gather(other), ram[other])
+        assert top.stats.prefetched_hits == 3 and top.stats.sync_gathers == 0
+        if top.stats.ready_prefetches == 3:
+            pytest.skip("this filesystem kept the file in the page cache after DONTNEED")
+        assert top.stats.fetch_time_s > 0  # the worker read what would have waited
+    rd.close()

@@ -330,7 +330,7 @@ class EngramLM(nn.Module):
         )
 
     # ------------------------------------------------------------------------------ forward
-    def _check_rows(self, rows: Tensor | None, B: int, T: int) -> None:
+    def _check_rows(self, rows: Tensor | Sequence[Tensor] | None, B: int, T: int) -> None:
         if not self.layer_ids:
             if rows is not None:
                 raise ValueError("this model has no Engram layers, but rows were given")
@@ -343,6 +343,14 @@ class EngramLM(nn.Module):
                 f"this model has Engram layers at blocks {list(self.layer_ids)}: pass rows of "
                 f"shape {expected} in layer_ids order, as NgramHasher.hash_all returns"
             )
+        if isinstance(rows, (tuple, list)):  # one (B, T, H) tensor per Engram layer
+            shapes = [tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__ for r in rows]
+            if len(rows) != L or any(sh != (B, T, H) for sh in shapes):
+                raise ValueError(
+                    f"rows given as a sequence must hold {L} tensors of shape (B, T, H) = "
+                    f"({B}, {T}, {H}) (layer_ids {list(self.layer_ids)}), got {shapes}"
+                )
+            return
         if not isinstance(rows, Tensor):
             raise TypeError(f"rows must be a torch.Tensor, got {type(rows).__name__}")
         if tuple(rows.shape) != (L, B, T, H):
@@ -354,13 +362,15 @@ class EngramLM(nn.Module):
     def forward(
         self,
         idx: Tensor,
-        rows: Tensor | None = None,
+        rows: Tensor | Sequence[Tensor] | None = None,
         targets: Tensor | None = None,
         mask: Tensor | None = None,
         return_logits: bool | None = None,
         cache: DecodeCache | None = None,
     ) -> LMOutput:
-        """idx (B, T) raw token ids; rows (L, B, T, H) from `NgramHasher.hash_all`;
+        """idx (B, T) raw token ids; rows (L, B, T, H) from `NgramHasher.hash_all` (or a
+        sequence of L (B, T, H) tensors: each reaches its layer as the same object, so a layer
+        recognises the ids it was asked to prefetch);
         targets (B, T) with -1 = ignored; mask (B, T) bool, False = dead position for Engram.
 
         `return_logits` defaults to True without targets and False with them: the loss is then

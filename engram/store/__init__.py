@@ -6,7 +6,7 @@ cache, prefetch, another rank) is the store's business. Tables persist as `.engt
 a checkpoint: the store package imports nothing above it).
 """
 
-from engram.store.base import RowOutOfRangeError, RowStore, check_row_ids
+from engram.store.base import PartialGather, RowOutOfRangeError, RowStore, check_row_ids
 from engram.store.cache import CachedRowStore, CacheStats
 from engram.store.filestore import ReadStats, TableFileStore
 from engram.store.memory import MemoryRowStore
@@ -34,6 +34,7 @@ __all__ = [
     "ExchangeStats",
     "MemoryRowStore",
     "MmapRowStore",
+    "PartialGather",
     "PreadRowStore",
     "PrefetchHandle",
     "PrefetchStats",

@@ -22,12 +22,19 @@ Design choices:
   * explicit: `apply_row_update(rows, delta)` adds `delta[i]` to row `rows[i]` in place (duplicates
     accumulate). This is the hook a row-wise optimizer or a store without autograd (mmap, sharded)
     uses to write updates back; it never needs a dense gradient over the table.
+- Reading without waiting is optional: a store that can tell which rows it has at hand (in RAM,
+  in the page cache, in a hot-row cache) may offer `gather_nowait(rows) -> PartialGather`, which
+  serves those at once and hands back a `finish` for the rest (the reads that would wait on
+  storage). `PrefetchingStore` uses it to serve warm rows on the caller's thread and send only
+  the slow reads to its worker; stores without it are prefetched whole.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import NamedTuple, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -97,3 +104,40 @@ class RowStore(Protocol):
     def apply_row_update(self, rows: Tensor, delta: Tensor) -> None:
         """In place: row[rows[i]] += delta[i] for rows (R,) and delta (R, dim); duplicates add up."""
         ...
+
+
+class PartialGather(NamedTuple):
+    """What `gather_nowait(rows)` served at once, and how to read the rest.
+
+    `out` has the shape `gather(rows)` returns, S + (dim,); the rows at the flat positions
+    `pending` are not filled yet. `finish()` fills them in place (it may block on storage and may
+    run on another thread; call it once); it is None when nothing is pending.
+    """
+
+    out: Tensor  # S + (dim,)
+    pending: np.ndarray  # (P,) int64 flat positions into S still to read; empty = complete
+    finish: Callable[[], None] | None
+
+    @property
+    def complete(self) -> bool:
+        return self.finish is None
+
+
+def finish_by_gather(
+    store: RowStore, flat: Tensor, out: Tensor, pending: np.ndarray
+) -> Callable[[], None]:
+    """A `PartialGather.finish` that reads the pending rows with `store.gather` and writes them
+    into `out` ((S, dim) view of the partial output) at the flat positions `pending` (P,)."""
+    pos = torch.from_numpy(pending)
+
+    def finish() -> None:
+        with torch.no_grad():
+            got = store.gather(flat.index_select(0, pos))  # (P, dim)
+            out.index_copy_(0, pos.to(out.device), got.to(device=out.device, dtype=out.dtype))
+
+    return finish
+
+
+def complete_gather(out: Tensor) -> PartialGather:
+    """A `PartialGather` with every row served."""
+    return PartialGather(out, np.zeros(0, dtype=np.int64), None)

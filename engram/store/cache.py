@@ -78,16 +78,19 @@ Design choices:
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any, Final, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from engram.store.base import RowStore, check_row_ids
+from engram.store.base import PartialGather, RowStore, check_row_ids, complete_gather
 
 POLICIES: Final = ("lfu", "lru")
 _SKETCH_DEPTH: Final = 4
@@ -107,6 +110,29 @@ _SKETCH_MULTIPLIERS: Final = (
 _MEMO_MULTIPLIER: Final = np.uint64(0xD6E8FEB86659FD93)  # another odd 64-bit constant
 _MIN_MEMO_SIZE: Final = 256
 _EMPTY: Final = np.zeros(0, dtype=np.int64)
+
+
+@lru_cache(maxsize=1)
+def _load_kernel() -> Any:
+    """`engram_cache_probe` from the optional C extension (`engram/_cachekernel.c`), or None when
+    it was not built. Loaded with ctypes.PyDLL: the call keeps the GIL (it takes a microsecond;
+    releasing the GIL would invite the prefetch thread to take it for longer)."""
+    spec = importlib.util.find_spec("engram._cachekernel")
+    if spec is None or spec.origin is None:
+        return None
+    try:
+        fn = ctypes.PyDLL(spec.origin).engram_cache_probe
+    except (OSError, AttributeError):
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [i64, p, p, i64, p, p, p, p, p, i64, i64, i64, p, p, ctypes.c_uint64]
+    fn.restype = i64
+    return fn
+
+
+def kernel_available() -> bool:
+    """Whether the C probe (`engram/_cachekernel.c`) is built and loaded."""
+    return _load_kernel() is not None
 
 
 class _Misses(NamedTuple):
@@ -215,6 +241,8 @@ class CachedRowStore:
         sample_size: sketch additions between two halvings (aging); default
             max(10 * capacity, 16384).
         check_bounds: bounds-check ids on every call (two reductions).
+        kernel: probe small requests with the C kernel when it is built (False: numpy, for
+            tests; both make the same decisions).
     """
 
     def __init__(
@@ -228,6 +256,7 @@ class CachedRowStore:
         sketch_width: int | None = None,
         sample_size: int | None = None,
         check_bounds: bool = True,
+        kernel: bool = True,
     ) -> None:
         if not isinstance(inner, RowStore):
             raise TypeError(f"inner must implement RowStore, got {type(inner).__name__}")
@@ -279,6 +308,13 @@ class CachedRowStore:
         self._sketch_adds = 0
         self._clock = 0
         self._epoch = 0
+        self._kernel = _load_kernel() if kernel else None
+        # the probe's fixed arguments: these arrays are only ever modified in place
+        self._probe_args = (
+            self._memo.ctypes.data, int(self._memo_shift), self._slot_id.ctypes.data,
+            self._sketch.ctypes.data if self._lfu else None, self._mult.ctypes.data,
+            _SKETCH_DEPTH, int(self._shift), self.sketch_width,
+        )  # fmt: skip
         self._lock = threading.Lock()
         self._counters = dict.fromkeys(
             ("lookups", "unique_lookups", "hits", "unique_hits", "admissions", "evictions"), 0
@@ -316,14 +352,22 @@ class CachedRowStore:
         else:
             add = np.tile(counts.astype(np.int32), _SKETCH_DEPTH)
         np.add.at(self._sketch, pos, add)  # duplicate positions accumulate
+        self._age(n_added)
+        return self._sketch[pos].reshape(_SKETCH_DEPTH, -1).min(axis=0)  # int32
+
+    def _age(self, n_added: int) -> bool:
+        """Count `n_added` sketch additions; every `sample_size`, halve all counters and scores
+        (TinyLFU reset). Whether it halved. Caller holds the lock."""
         self._sketch_adds += n_added
-        while self._sketch_adds >= self.sample_size:  # TinyLFU reset
+        aged = False
+        while self._sketch_adds >= self.sample_size:
             self._sketch >>= 1
             positive = self._score > 0
             self._score[positive] >>= 1
             self._score_floor >>= 1  # floor(x / 2) keeps -1 and 0; scores halve the same way
             self._sketch_adds //= 2
-        return self._sketch[pos].reshape(_SKETCH_DEPTH, -1).min(axis=0)  # int32
+            aged = True
+        return aged
 
     # ------------------------------------------------------------------ index
     def _lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -433,36 +477,118 @@ class CachedRowStore:
     def gather(self, rows: Tensor) -> Tensor:
         """Rows at global ids `rows` (integer, any shape S) -> S + (dim,), bit-identical to
         `inner.gather(rows)` (detached, on the cache's device)."""
-        if not isinstance(rows, Tensor) or not _is_integer(rows.dtype):
-            if self.check_bounds:
-                check_row_ids(rows, self.num_rows, what="CachedRowStore.gather")
-            raise TypeError("CachedRowStore.gather: row ids must be an integer torch.Tensor")
-        ids = _host_ids(rows)  # (S,)
-        shape = tuple(rows.shape)
-        if ids.size == 0:
-            return torch.empty(*shape, self._dim, dtype=self.dtype, device=self.device)
-        if self.check_bounds and (ids.min() < 0 or ids.max() >= self.num_rows):
-            check_row_ids(rows, self.num_rows, what="CachedRowStore.gather")  # raises
-        with self._lock:  # phase 1: hits, frequencies, stats
-            epoch = self._epoch
-            self._clock += 1
-            hit, slot, n_hit = self._locate(ids)  # (S,), (S,)
-            out = self._rows.index_select(0, self._to_device(slot))  # (S, dim); misses: junk
-            if ids.size <= _SMALL_REQUEST:
-                misses = self._account_small(ids, hit, slot, n_hit)
-            else:
-                misses = self._account_large(ids, hit, slot, n_hit)
+        shape, epoch, out, misses = self._lookup_request(rows, "CachedRowStore.gather")
         if misses is not None:  # phases 2 and 3: fetch (lock released), fill, admit
             self._serve_misses(epoch, out, misses)
         return out.view(*shape, self._dim)
 
+    def gather_nowait(self, rows: Tensor) -> PartialGather:
+        """The resident rows at once and the misses the inner store has at hand (its own
+        `gather_nowait`, e.g. rows in the page cache); the rest, and the admission of every
+        miss, are left to `finish` (see `engram.store.base.PartialGather`). An inner store
+        without `gather_nowait` leaves every miss to `finish`."""
+        shape, epoch, out, m = self._lookup_request(rows, "CachedRowStore.gather_nowait")
+        full = (*shape, self._dim)
+        if m is None:
+            return complete_gather(out.view(full))
+        nowait = getattr(self.inner, "gather_nowait", None)
+        if nowait is None:
+            return PartialGather(
+                out.view(full), m.miss_occ, lambda: self._serve_misses(epoch, out, m)
+            )
+        with torch.no_grad():
+            part = nowait(torch.from_numpy(m.missing))  # (M, dim), some rows maybe pending
+        fetched = part.out.detach().to(device=self.device, dtype=self.dtype)
+        if part.complete:
+            self._place(epoch, out, m, fetched)
+            return complete_gather(out.view(full))
+        # the ready misses go into `out` now; `finish` rewrites all of them and admits them
+        out[self._to_device(m.miss_occ)] = fetched.index_select(0, self._to_device(m.miss_j))
+        wait_j = np.zeros(m.missing.size, dtype=bool)
+        wait_j[part.pending] = True
+        finish_inner = part.finish
+        assert finish_inner is not None
+
+        def finish() -> None:
+            finish_inner()
+            self._place(epoch, out, m, part.out.detach().to(device=self.device, dtype=self.dtype))
+
+        return PartialGather(out.view(full), m.miss_occ[wait_j[m.miss_j]], finish)
+
+    def _lookup_request(
+        self, rows: Tensor, what: str
+    ) -> tuple[tuple[int, ...], int, Tensor, _Misses | None]:
+        """Phase 1 of a gather, under the lock: hits, frequencies, stats. Returns the request's
+        shape, the store's epoch, the (S, dim) output with every hit filled, and the misses."""
+        if not isinstance(rows, Tensor) or not _is_integer(rows.dtype):
+            if self.check_bounds:
+                check_row_ids(rows, self.num_rows, what=what)
+            raise TypeError(f"{what}: row ids must be an integer torch.Tensor")
+        ids = _host_ids(rows)  # (S,)
+        shape = tuple(rows.shape)
+        if ids.size == 0:
+            return shape, self._epoch, self._rows.new_empty(0, self._dim), None
+        if self.check_bounds and (ids.min() < 0 or ids.max() >= self.num_rows):
+            check_row_ids(rows, self.num_rows, what=what)  # raises
+        small = ids.size <= _SMALL_REQUEST
+        with self._lock:
+            epoch = self._epoch
+            self._clock += 1
+            est = None
+            if small and self._kernel is not None:
+                hit, slot, n_hit, est = self._probe(ids)
+            else:
+                hit, slot, n_hit = self._locate(ids)  # (S,), (S,)
+            out = self._rows.index_select(0, self._to_device(slot))  # (S, dim); misses: junk
+            if small:
+                misses = self._account_small(ids, hit, slot, n_hit, est)
+            else:
+                misses = self._account_large(ids, hit, slot, n_hit)
+        return shape, epoch, out, misses
+
+    def _probe(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+        """`_locate` plus, for "lfu", `_record(ids, None, S)`, in one C call (same results):
+        hit (S,), slot (S,), hits, estimates (S,) int32 or None. Caller holds the lock."""
+        n = ids.size
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        slot = np.empty(n, dtype=np.int64)
+        hit = np.empty(n, dtype=bool)
+        memo, memo_shift, slot_id, sketch, mult, depth, shift, width = self._probe_args
+        pos = est = None
+        if sketch is not None:
+            pos = np.empty(depth * n, dtype=np.int64)  # (d*n,)
+            est = np.empty(n, dtype=np.int32)
+        n_hit = int(
+            self._kernel(
+                n, ids.ctypes.data, memo, memo_shift, slot_id, slot.ctypes.data, hit.ctypes.data,
+                sketch, mult, depth, shift, width, None if pos is None else pos.ctypes.data,
+                None if est is None else est.ctypes.data, int(_MEMO_MULTIPLIER),
+            )  # fmt: skip
+        )
+        if n_hit < n:  # memo misses: the sorted index decides, and the memo learns
+            lost = np.flatnonzero(~hit)
+            l_hit, l_slot = self._lookup(ids[lost])
+            found, found_slot = lost[l_hit], l_slot[l_hit]
+            if found.size:
+                slot[found], hit[found] = found_slot, True
+                self._memo[self._memo_bucket(ids[found])] = found_slot
+                n_hit += found.size
+        if est is not None:
+            assert pos is not None
+            if self._age(n):  # counters halved: estimate again
+                est = self._sketch[pos].reshape(_SKETCH_DEPTH, -1).min(axis=0)
+        return hit, slot, n_hit, est
+
     def _account_small(
-        self, ids: np.ndarray, hit: np.ndarray, slot: np.ndarray, n_hit: int
-    ) -> _Misses | None:
+        self, ids: np.ndarray, hit: np.ndarray, slot: np.ndarray, n_hit: int,
+        est: np.ndarray | None = None,
+    ) -> _Misses | None:  # fmt: skip
         """Sketch, scores and stats of a small request (S,), per occurrence: no sort; the
-        sketch accumulates duplicates and Python sets count the distinct ids."""
+        sketch accumulates duplicates and Python sets count the distinct ids. `est`: the
+        estimates when `_probe` already recorded the request in the sketch."""
         S = ids.size
-        est = self._record(ids, None, S) if self._lfu else None  # (S,)
+        if est is None and self._lfu:
+            est = self._record(ids, None, S)  # (S,)
         n_unique = len(set(ids.tolist()))
         c = self._counters
         c["lookups"] += S
@@ -543,7 +669,11 @@ class CachedRowStore:
         """Fetch the missed rows (lock released: the slow part), write them into `out` and
         offer them for admission (skipped if the store was written to since phase 1, `epoch`,
         so a stale copy is never cached)."""
-        fetched = self._fetch(m.missing)  # (M, dim)
+        self._place(epoch, out, m, self._fetch(m.missing))
+
+    def _place(self, epoch: int, out: Tensor, m: _Misses, fetched: Tensor) -> None:
+        """Write the missed rows `fetched` (M, dim) into `out` (S, dim) and offer them for
+        admission (skipped if the store was written to since phase 1)."""
         out[self._to_device(m.miss_occ)] = fetched.index_select(0, self._to_device(m.miss_j))
         order = np.argsort(-m.key, kind="stable")  # most frequent / most recent first
         prio = m.key if self._lfu else np.full(m.missing.size, _ALWAYS, dtype=np.int64)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engram.store.base import check_row_ids
+from engram.store.base import PartialGather, check_row_ids, complete_gather
 
 
 class MemoryRowStore(nn.Module):
@@ -83,6 +83,11 @@ class MemoryRowStore(nn.Module):
             raise TypeError(f"MemoryRowStore.gather: row ids must be integer, got {rows.dtype}")
         rows = rows.to(device=self.weight.device, dtype=torch.long)
         return F.embedding(rows, self.weight, sparse=self.sparse)  # S + (dim,)
+
+    def gather_nowait(self, rows: Tensor) -> PartialGather:
+        """`gather(rows)` without autograd: rows in RAM never wait (see `engram.store.base`)."""
+        with torch.no_grad():
+            return complete_gather(self.gather(rows))
 
     def forward(self, rows: Tensor) -> Tensor:
         """Same as `gather` (so the store can be called like an `nn.Embedding`)."""

@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engram.store.base import check_row_ids
+from engram.store.base import PartialGather, check_row_ids, complete_gather, finish_by_gather
 from engram.store.filestore import TableFileStore
 from engram.store.tablefile import (
     TableFileError,
@@ -307,30 +307,57 @@ class PreadRowStore(TableFileStore):
         return self._kernel is not None
 
     # ------------------------------------------------------------------ reading
-    def gather(self, rows: Tensor) -> Tensor:
-        """Rows at global ids `rows` (integer, shape S) -> S + (dim,) in `out_dtype`, on the CPU."""
-        self._check_open("gather")
+    def _flat_ids(self, rows: Tensor, what: str) -> np.ndarray:
+        self._check_open(what.rpartition(".")[2])
         if self.check_bounds:
-            check_row_ids(rows, self.num_rows, what="PreadRowStore.gather")
+            check_row_ids(rows, self.num_rows, what=what)
         elif not isinstance(rows, Tensor):
-            raise TypeError(f"PreadRowStore.gather: row ids must be a torch.Tensor, got {rows!r}")
+            raise TypeError(f"{what}: row ids must be a torch.Tensor, got {rows!r}")
         elif rows.dtype.is_floating_point or rows.dtype == torch.bool:
-            raise TypeError(f"PreadRowStore.gather: row ids must be integer, got {rows.dtype}")
-        flat = rows.reshape(-1).to(device="cpu", dtype=torch.long).numpy()  # (S,)
-        plan = plan_reads(flat, self.coalesce_gap)
-        staged, scale = self._read(plan)  # (K, dim) storage dtype, (K,) float32 or None
+            raise TypeError(f"{what}: row ids must be integer, got {rows.dtype}")
+        return rows.reshape(-1).to(device="cpu", dtype=torch.long).numpy()  # (S,)
+
+    def _assemble(self, staged: Tensor, scale: Tensor | None, plan: _Plan) -> Tensor:
+        """Staged rows (K, dim) -> the requested rows (S, dim) in `out_dtype`, a fresh tensor."""
         index = torch.from_numpy(plan.index)  # (S,)
-        out = torch.index_select(staged, 0, index)  # (S, dim) storage dtype, a fresh tensor
+        out = torch.index_select(staged, 0, index)  # (S, dim) storage dtype
         if scale is not None:
             out = out.float() * scale.index_select(0, index)[:, None]
-        return out.to(self._out_dtype).reshape(*rows.shape, self.dim)  # S + (dim,)
+        return out.to(self._out_dtype)
+
+    def gather(self, rows: Tensor) -> Tensor:
+        """Rows at global ids `rows` (integer, shape S) -> S + (dim,) in `out_dtype`, on the CPU."""
+        flat = self._flat_ids(rows, "PreadRowStore.gather")
+        plan = plan_reads(flat, self.coalesce_gap)
+        staged, scale, _ = self._read(plan)  # (K, dim) storage dtype, (K,) float32 or None
+        return self._assemble(staged, scale, plan).reshape(*rows.shape, self.dim)  # S + (dim,)
+
+    def gather_nowait(self, rows: Tensor) -> PartialGather:
+        """The rows of `rows` whose bytes are in the page cache, read at once (RWF_NOWAIT); the
+        others' disk reads are queued (POSIX_FADV_WILLNEED) and left to `finish`, which reads
+        them with `gather` (see `engram.store.base.PartialGather`). With O_DIRECT, or where the
+        filesystem refuses RWF_NOWAIT, every row is left to `finish`."""
+        flat = self._flat_ids(rows, "PreadRowStore.gather_nowait")
+        shape = (*rows.shape, self.dim)
+        if not self._nowait:
+            out = torch.empty(flat.size, self.dim, dtype=self._out_dtype)  # (S, dim)
+            pending = np.arange(flat.size, dtype=np.int64)
+        else:
+            plan = plan_reads(flat, self.coalesce_gap)
+            staged, scale, waiting = self._read(plan, only=True)  # waiting: (N,) bool or None
+            out = self._assemble(staged, scale, plan)  # (S, dim); waiting rows: junk
+            if waiting is None:
+                return complete_gather(out.view(shape))
+            pending = np.flatnonzero(np.repeat(waiting, plan.nrows)[plan.index])  # (P,)
+        finish = finish_by_gather(self, torch.from_numpy(flat), out, pending)
+        return PartialGather(out.view(shape), pending, finish)
 
     def read_rows(self, rows: np.ndarray) -> Tensor:
         """Distinct sorted ids (U,) int64 -> their rows (U, dim) in the storage dtype (int8 rows
         are NOT dequantised): the raw reader, for callers that manage their own ids."""
         self._check_open("read_rows")
         plan = plan_reads(np.ascontiguousarray(rows, dtype=np.int64))
-        staged, _ = self._read(plan, scales=False)
+        staged, _, _ = self._read(plan, scales=False)
         return staged.index_select(0, torch.from_numpy(plan.index))
 
     def _staging(self, data_nbytes: int, scale_nbytes: int) -> _Staging:
@@ -343,8 +370,11 @@ class PreadRowStore(TableFileStore):
             st.scale, st.scale_t = _grow(scale_nbytes, aligned=False)
         return st
 
-    def _read(self, plan: _Plan, *, scales: bool = True) -> tuple[Tensor, Tensor | None]:
-        """Execute `plan`: (staged rows (K, dim) storage dtype, staged scales (K,) or None).
+    def _read(
+        self, plan: _Plan, *, scales: bool = True, only: bool = False
+    ) -> tuple[Tensor, Tensor | None, np.ndarray | None]:
+        """Execute `plan`: (staged rows (K, dim) storage dtype, staged scales (K,) or None,
+        None or (N,) bool: with `only`, the reads that would have waited, left unread).
 
         The tensors are views of this thread's staging buffers, valid until its next read."""
         h, rb = self._header, self._row_nbytes
@@ -359,23 +389,34 @@ class PreadRowStore(TableFileStore):
             data_nbytes = K * rb
         st = self._staging(data_nbytes, 4 * K if want_scales else 0)
         assert st.data_t is not None
-        reads, cached = self._run_jobs(self._dfd if self._direct else self._fd, st.data_t, jobs)
-        nbytes = int(jobs.size.sum())
+        fd = self._dfd if self._direct else self._fd
+        reads, cached, waiting = self._run_jobs(fd, st.data_t, jobs, only)
+        nbytes = jobs.size
         if want_scales:
             assert st.scale_t is not None
             sjobs = _Jobs(h.scale_offset + 4 * plan.first, 4 * plan.nrows, 4 * plan.dest)
-            sr, sc = self._run_jobs(self._fd, st.scale_t, sjobs)
-            reads, cached, nbytes = reads + sr, cached + sc, nbytes + 4 * K
+            sr, sc, swait = self._run_jobs(self._fd, st.scale_t, sjobs, only)
+            reads, cached, nbytes = reads + sr, cached + sc, nbytes + sjobs.size
+            if swait is not None:
+                waiting = swait if waiting is None else waiting | swait
+        served, unique, staged = plan.index.size, plan.unique, K
+        if waiting is not None:  # only the reads done now count; `finish` counts the rest
+            staged_wait = np.repeat(waiting, plan.nrows)  # (K,)
+            pos_wait = staged_wait[plan.index]  # (S,)
+            served -= int(np.count_nonzero(pos_wait))
+            unique -= np.unique(plan.index[pos_wait]).size
+            staged -= int(np.count_nonzero(staged_wait))
+            nbytes = nbytes[~waiting]
         elapsed = time.perf_counter() - t0
         with self._stats_lock:
             s = self._stats
             s.gathers += 1
-            s.rows_served += plan.index.size
-            s.rows_read += plan.unique
-            s.rows_staged += K
+            s.rows_served += served
+            s.rows_read += unique
+            s.rows_staged += staged
             s.reads += reads
             s.cached_reads += cached
-            s.bytes_read += nbytes
+            s.bytes_read += int(nbytes.sum())
             s.read_time_s += elapsed
         if self._direct:
             data = self._cut_direct(st.data_t, plan, jobs)  # (K, dim)
@@ -385,7 +426,7 @@ class PreadRowStore(TableFileStore):
         if want_scales:
             assert st.scale_t is not None
             scale = st.scale_t[: 4 * K].view(torch.float32)  # (K,)
-        return data, scale
+        return data, scale, waiting
 
     def _direct_spans(self, plan: _Plan) -> _Jobs:
         """O_DIRECT reads: each read widened to whole aligned blocks, packed in the staging."""
@@ -411,28 +452,34 @@ class PreadRowStore(TableFileStore):
         return buf[idx.reshape(-1)].view(self._storage).view(K, h.dim)
 
     # ------------------------------------------------------------------ I/O
-    def _run_jobs(self, fd: int, buf: Tensor, jobs: _Jobs) -> tuple[int, int]:
-        """Read every job into `buf` (a uint8 staging tensor): (reads issued, served cached)."""
+    def _run_jobs(
+        self, fd: int, buf: Tensor, jobs: _Jobs, only: bool = False
+    ) -> tuple[int, int, np.ndarray | None]:
+        """Read every job into `buf` (a uint8 staging tensor): (reads issued, served cached,
+        None or with `only` (N,) bool: the jobs that would have waited, left unread)."""
         n = jobs.off.size
         if n == 0:
-            return 0, 0
-        k = min(self._threads + 1, n) if self._pool is not None else 1
+            return 0, 0, None
+        k = min(self._threads + 1, n) if self._pool is not None and not only else 1
         if k == 1:
-            return self._read_part(fd, buf, jobs)
+            return self._read_part(fd, buf, jobs, only)
         parts = [_Jobs(*(np.ascontiguousarray(x[i::k]) for x in jobs)) for i in range(k)]
         futures = [self._pool.submit(self._read_part, fd, buf, p) for p in parts[1:]]  # type: ignore[union-attr]
         counts = [self._read_part(fd, buf, parts[0])] + [f.result() for f in futures]
-        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+        return sum(c[0] for c in counts), sum(c[1] for c in counts), None
 
-    def _read_part(self, fd: int, buf: Tensor, jobs: _Jobs) -> tuple[int, int]:
+    def _read_part(
+        self, fd: int, buf: Tensor, jobs: _Jobs, only: bool = False
+    ) -> tuple[int, int, np.ndarray | None]:
         kernel = self._kernel
         if kernel is None:
-            return self._read_part_py(fd, memoryview(buf.numpy()), jobs)
+            return self._read_part_py(fd, memoryview(buf.numpy()), jobs, only)
         n = jobs.off.size
         off, size, at = (np.ascontiguousarray(x, dtype=np.int64) for x in jobs)
-        counts = np.zeros(3, dtype=np.int64)
+        counts = np.zeros(4, dtype=np.int64)
         scratch = np.empty(n, dtype=np.int64)
         flags = (1 if self._nowait else 0) | (2 if self.advise and not self._direct else 0)
+        flags |= 4 if only else 0
         eof = self._header.file_nbytes if self._direct else 1 << 62
         rc = kernel(
             fd, n, off.ctypes.data, size.ctypes.data, at.ctypes.data, buf.data_ptr(), flags, eof,
@@ -444,7 +491,11 @@ class PreadRowStore(TableFileStore):
             raise self._truncated()
         if rc < 0:
             raise OSError(-rc, f"reading rows of {self._path}: {os.strerror(-rc)}")
-        return int(counts[0]), int(counts[1])
+        waiting = None
+        if only and counts[3]:
+            waiting = np.zeros(n, dtype=bool)
+            waiting[scratch[: counts[3]]] = True
+        return int(counts[0]), int(counts[1]), waiting
 
     def _truncated(self) -> TableFileError:
         return TableFileError(
@@ -452,14 +503,17 @@ class PreadRowStore(TableFileStore):
             "was opened"
         )
 
-    def _read_part_py(self, fd: int, view: memoryview, jobs: _Jobs) -> tuple[int, int]:
+    def _read_part_py(
+        self, fd: int, view: memoryview, jobs: _Jobs, only: bool = False
+    ) -> tuple[int, int, np.ndarray | None]:
         """The same phases as the C kernel (_preadkernel.c), one syscall per row in Python."""
         reads = cached = 0
         triples = list(zip(jobs.off.tolist(), jobs.size.tolist(), jobs.at.tolist(), strict=True))
         pending = triples
+        left = list(range(len(triples)))  # jobs not (wholly) read yet
         if self._nowait:
-            pending = []
-            for off, nb, at in triples:
+            pending, left = [], []
+            for j, (off, nb, at) in enumerate(triples):
                 try:
                     n = os.preadv(fd, [view[at : at + nb]], off, _NOWAIT)
                 except BlockingIOError:
@@ -468,7 +522,7 @@ class PreadRowStore(TableFileStore):
                     if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                         raise
                     self._nowait = False
-                    pending = triples
+                    pending, left = triples, list(range(len(triples)))
                     break
                 if n:
                     reads += 1
@@ -476,12 +530,17 @@ class PreadRowStore(TableFileStore):
                     cached += 1
                 else:
                     pending.append((off + n, nb - n, at + n))
+                    left.append(j)
         if not pending:
-            return reads, cached
-        if self.advise and len(pending) > 1 and not self._direct:
+            return reads, cached, None
+        if self.advise and (len(pending) > 1 or only) and not self._direct:
             with contextlib.suppress(OSError):
                 for off, nb, _ in pending:
                     os.posix_fadvise(fd, off, nb, os.POSIX_FADV_WILLNEED)
+        if only:  # the caller reads the remembered jobs later, whole
+            waiting = np.zeros(len(triples), dtype=bool)
+            waiting[left] = True
+            return reads, cached, waiting
         eof = self._header.file_nbytes if self._direct else 1 << 62
         for off, nb, at in pending:
             while nb:
@@ -492,7 +551,7 @@ class PreadRowStore(TableFileStore):
                     raise self._truncated()
                 reads += 1
                 off, nb, at = off + n, nb - n, at + n
-        return reads, cached
+        return reads, cached, None
 
     def read_range(self, start: int, stop: int) -> Tensor:
         """Rows [start, stop) as (stop - start, dim) `out_dtype`, read sequentially."""
