@@ -195,10 +195,11 @@ def test_decoder_steps_interleaved_equal_generate(runs) -> None:
     kw = {"max_new_tokens": 6, "temperature": 0.9, "top_k": 20, "return_logits": True}
     parts = runs["hc"]
     ref = [
-        generate(parts.model, _prompts(parts), indexer=parts.indexer, seed=s, **kw)
-        for s in (1, 2)
+        generate(parts.model, _prompts(parts), indexer=parts.indexer, seed=s, **kw) for s in (1, 2)
     ]
-    decs = [Decoder(parts.model, _prompts(parts), indexer=parts.indexer, seed=s, **kw) for s in (1, 2)]
+    decs = [
+        Decoder(parts.model, _prompts(parts), indexer=parts.indexer, seed=s, **kw) for s in (1, 2)
+    ]
     for d in decs:
         d.prefill()
     while any(not d.finished for d in decs):

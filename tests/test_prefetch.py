@@ -539,7 +539,9 @@ def test_only_the_reads_that_would_wait_go_to_the_worker(prefetcher: Prefetcher)
     class PartlyReady(SlowStore):
         """Even ids are at hand; odd ids wait for `gate` (on the worker)."""
 
-        asked: list[list[int]] = []
+        def __init__(self, gate: threading.Event) -> None:
+            super().__init__(gate=gate)
+            self.asked: list[list[int]] = []
 
         def gather(self, rows: Tensor) -> Tensor:
             self.asked.append(rows.tolist())

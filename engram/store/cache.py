@@ -558,13 +558,11 @@ class CachedRowStore:
         if sketch is not None:
             pos = np.empty(depth * n, dtype=np.int64)  # (d*n,)
             est = np.empty(n, dtype=np.int32)
-        n_hit = int(
-            self._kernel(
-                n, ids.ctypes.data, memo, memo_shift, slot_id, slot.ctypes.data, hit.ctypes.data,
-                sketch, mult, depth, shift, width, None if pos is None else pos.ctypes.data,
-                None if est is None else est.ctypes.data, int(_MEMO_MULTIPLIER),
-            )  # fmt: skip
-        )
+        n_hit = self._kernel(
+            n, ids.ctypes.data, memo, memo_shift, slot_id, slot.ctypes.data, hit.ctypes.data,
+            sketch, mult, depth, shift, width, None if pos is None else pos.ctypes.data,
+            None if est is None else est.ctypes.data, int(_MEMO_MULTIPLIER),
+        )  # fmt: skip
         if n_hit < n:  # memo misses: the sorted index decides, and the memo learns
             lost = np.flatnonzero(~hit)
             l_hit, l_slot = self._lookup(ids[lost])
