@@ -52,7 +52,7 @@ from prompts import PROMPTS  # benchmarks/prompts.py: four per round, new text e
 from engram.generate import Decoder
 from engram.presets import demo_engram
 from engram.serving import TierConfig, open_table
-from engram.store import CachedRowStore, Prefetcher, PrefetchingStore, write_table
+from engram.store import CachedRowStore, Prefetcher, PrefetchingStore, read_header, write_table
 from engram.store.pread import proc_read_bytes
 from engram.train import build_run
 
@@ -83,7 +83,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6, help="cold round + new-text rounds")
     p.add_argument("--repeat-rounds", type=int, default=3, help="warm rounds on round 1's text")
     p.add_argument("--cache-rows", type=int, default=200_000, help="hot-row cache (0 = none)")
-    p.add_argument("--readers", default="mmap,pread", help="comma-separated: mmap, pread")
+    p.add_argument(
+        "--readers", default="mmap,pread",
+        help="comma-separated: mmap, pread; a /worker suffix (pread/worker) sends every prefetch "
+        "to the worker whole (PrefetchingStore(serve_at_hand=False), the behaviour before "
+        "2026-12-03)",
+    )  # fmt: skip
     p.add_argument("--pread-threads", type=int, default=0)
     p.add_argument("--direct", action="store_true", help="pread with O_DIRECT")
     p.add_argument("--prefill-chunk", type=int, default=16, help="prefill chunk (all models)")
@@ -147,6 +152,26 @@ def main() -> None:
     )
     if args.write_only:
         return
+    data_offset = read_header(path).data_offset
+    drop_cache(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        rng = torch.Generator().manual_seed(99)
+        probe = torch.randint(0, num_rows, (64,), generator=rng).tolist()
+        buf = bytearray(row_bytes)
+        lat = []
+        for row in probe:  # one cold random row at a time: this disk's latency right now
+            t0 = time.perf_counter()
+            os.preadv(fd, [buf], data_offset + row * row_bytes)
+            lat.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+    lat.sort()
+    print(
+        f"disk now: cold random {row_bytes}-byte reads, one at a time: median "
+        f"{lat[len(lat) // 2] * 1e6:.0f} us, p90 {lat[int(len(lat) * 0.9)] * 1e6:.0f} us"
+    )
 
     prefetcher = Prefetcher(max_pending=4)
     models: dict[str, Any] = {"ram": ref}
@@ -155,16 +180,17 @@ def main() -> None:
     inners: dict[str, Any] = {}
     before_model = rss()
     for r in readers:
+        kind, _, how = r.partition("/")  # "pread/worker": every prefetch gathered on the worker
         tier = TierConfig(
-            store="mmap", reader=r, reader_threads=args.pread_threads if r == "pread" else 0,
-            direct=args.direct and r == "pread",
+            store="mmap", reader=kind, reader_threads=args.pread_threads if kind == "pread" else 0,
+            direct=args.direct and kind == "pread",
         )  # fmt: skip
         inner = open_table(path, tier, fp)
         store: Any = inner
         cache = None
         if args.cache_rows:
             store = cache = CachedRowStore(inner, capacity_rows=args.cache_rows, check_bounds=False)
-        top = PrefetchingStore(store, prefetcher)
+        top = PrefetchingStore(store, prefetcher, serve_at_hand=how != "worker")
         torch.manual_seed(0)
         models[r] = build_run(big, tokenizer=ref.tokenizer, stores={lid: top})
         tops[r], caches[r], inners[r] = top, cache, inner
@@ -262,7 +288,7 @@ def main() -> None:
             f"/proc/self/io read_bytes {io_bytes[r] / 2**20:.1f} MiB = "
             f"{io_bytes[r] / max(served, 1):.0f} B per row served ({row_bytes} B rows)"
         )
-        if r == "pread":
+        if r.startswith("pread"):
             line += (
                 f"; own counters: {st.rows_read:,} distinct rows read, {st.reads:,} reads "
                 f"({st.cached_reads:,} from the page cache), {st.bytes_read / 2**20:.2f} MiB = "

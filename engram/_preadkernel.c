@@ -13,15 +13,20 @@
  *   2 ADVISE  posix_fadvise(POSIX_FADV_WILLNEED) on every remembered job, so the kernel queues
  *             their disk reads together (queue depth = the request's misses)...
  *   then      ...blocking pread of every remembered job, in file order (short reads continue).
- *   4 NOWAIT_ONLY  stop after phases 1 and 2: the remembered jobs are left unread (their
- *             disk reads already queued by ADVISE) for the caller to finish later, e.g. on a
- *             prefetch thread; a partially copied job is remembered whole. Without RWF_NOWAIT
- *             every job is remembered.
+ *   4 NOWAIT_ONLY  stop after phases 1 and 2 (the caller leaves ADVISE out if this thread
+ *             must not wait on the disk): the remembered jobs are left unread for the caller to
+ *             finish later, e.g. on a prefetch thread; a partially copied job is remembered
+ *             whole. Without RWF_NOWAIT every job is remembered.
+ *   8 PROBE   before phase 1 tries a job, ask mincore() on `map` (a read-only mapping of the
+ *             file, never touched) whether all of its pages are in the page cache, and remember
+ *             the job unread if not. RWF_NOWAIT alone is not enough for a thread that must never
+ *             wait on the disk: on a page-cache miss Linux starts the read (synchronous
+ *             read-ahead) before it returns EAGAIN, and submitting I/O can block.
  * A read that returns 0 bytes before `eof_ok_from` means the file is shorter than its header
  * said (truncated after it was opened): the call returns 1. At or past `eof_ok_from` (aligned
  * O_DIRECT spans that run past the end of the file) the rest of the job is simply not needed.
  *
- * Returns 0 on success, 1 on a truncated file, -errno on a failed read.
+ * Returns 0 on success, 1 on a truncated file, -errno on a failed read. `map` (PROBE) may be NULL.
  * counts: [0] reads that returned data, [1] jobs served whole without blocking, [2] 1 if the
  * filesystem refused RWF_NOWAIT, [3] jobs remembered. `scratch` holds n int64 (the remembered
  * jobs, in order: with NOWAIT_ONLY, the jobs the caller still has to read).
@@ -34,6 +39,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
+#include <sys/mman.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -41,6 +47,34 @@
 #define ENGRAM_NOWAIT 1
 #define ENGRAM_ADVISE 2
 #define ENGRAM_NOWAIT_ONLY 4
+#define ENGRAM_PROBE 8
+
+/* Whether every page of [off, off + len) of the file mapped at `map` is in the page cache. */
+static int resident(const char *map, int64_t off, int64_t len) {
+    static long page = 0;
+    if (!page) page = sysconf(_SC_PAGESIZE);
+    int64_t first = off / page * page, end = off + len;
+    unsigned char vec[64];
+    while (first < end) {
+        int64_t span = end - first;
+        if (span > 64 * page) span = 64 * page;
+        if (mincore((void *)(map + first), (size_t)span, vec) != 0) return 0;
+        int64_t np = (span + page - 1) / page;
+        for (int64_t k = 0; k < np; k++)
+            if (!(vec[k] & 1)) return 0;
+        first += span;
+    }
+    return 1;
+}
+
+/* A read-only shared mapping of the first `size` bytes of `fd`, for `resident` only (never
+ * read through); NULL on failure. */
+void *engram_map_file(int fd, int64_t size) {
+    void *p = mmap(NULL, (size_t)size, PROT_READ, MAP_SHARED, fd, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+int engram_unmap_file(void *addr, int64_t size) { return munmap(addr, (size_t)size); }
 
 static int read_fully(int fd, int64_t off, int64_t len, char *dst, int64_t eof_ok_from,
                       int64_t *reads) {
@@ -61,10 +95,11 @@ static int read_fully(int fd, int64_t off, int64_t len, char *dst, int64_t eof_o
 
 int engram_pread_jobs(int fd, int64_t n, const int64_t *off, const int64_t *len,
                       const int64_t *at, char *buf, int flags, int64_t eof_ok_from,
-                      int64_t *counts, int64_t *scratch) {
+                      int64_t *counts, int64_t *scratch, const char *map) {
     int64_t reads = 0, cached = 0, npend = 0;
     int nowait = (flags & ENGRAM_NOWAIT) != 0;
     int only = (flags & ENGRAM_NOWAIT_ONLY) != 0;
+    int probe = (flags & ENGRAM_PROBE) != 0 && map != NULL;
     counts[2] = 0;
     counts[3] = 0;
 #ifndef RWF_NOWAIT
@@ -73,6 +108,10 @@ int engram_pread_jobs(int fd, int64_t n, const int64_t *off, const int64_t *len,
     if (nowait) {
 #ifdef RWF_NOWAIT
         for (int64_t i = 0; i < n; i++) {
+            if (probe && !resident(map, off[i], len[i])) {
+                scratch[npend++] = i;
+                continue;
+            }
             struct iovec iov = {buf + at[i], (size_t)len[i]};
             ssize_t got = preadv2(fd, &iov, 1, (off_t)off[i], RWF_NOWAIT);
             if (got < 0 && (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS)) {

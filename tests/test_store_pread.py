@@ -415,6 +415,12 @@ def test_gather_nowait_serves_cached_rows_and_finish_reads_the_rest(
     with PreadRowStore(path, **VARIANTS[variant]) as rd:
         expected = rd.gather(ids)  # the rows are now in the page cache
         warm = rd.gather_nowait(ids)
+        if not rd.uses_kernel:  # no mincore probe: nothing is read on the caller's thread
+            assert np.array_equal(warm.pending, np.arange(ids.numel()))
+            assert warm.finish is not None
+            warm.finish()
+            assert torch.equal(warm.out, expected)
+            return
         assert warm.complete and warm.pending.size == 0
         assert torch.equal(warm.out, expected)
 
@@ -435,6 +441,26 @@ def test_gather_nowait_serves_cached_rows_and_finish_reads_the_rest(
         assert torch.equal(part.out, expected)
         after = rd.stats()
         assert after.rows_served - before.rows_served == ids.numel()  # each row counted once
+
+
+@pytest.mark.skipif(not kernel_available(), reason="the C read kernel is not built")
+def test_gather_nowait_starts_no_disk_read(tmp_path: Path) -> None:
+    """The probe reads only rows whose pages are cached (mincore): on an evicted file it makes
+    the kernel fetch nothing (a RWF_NOWAIT read that misses would start the disk read)."""
+    path = _table(tmp_path, "float32", num_rows=200_000, dim=8)
+    if proc_read_bytes() is None:
+        pytest.skip("no /proc/self/io here")
+    ids = torch.randint(0, 200_000, (64,), generator=torch.Generator().manual_seed(5))
+    with PreadRowStore(path) as rd:
+        _evict(path)
+        before = proc_read_bytes()
+        part = rd.gather_nowait(ids)
+        assert proc_read_bytes() == before
+        if part.complete:
+            pytest.skip("this filesystem kept the file in the page cache after DONTNEED")
+        assert part.finish is not None
+        part.finish()  # the reads happen here (on the prefetch worker, in serving)
+        assert torch.equal(part.out, read_table(path)[ids])
 
 
 @pytest.mark.parametrize("kernel", [True, False])

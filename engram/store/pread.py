@@ -157,21 +157,30 @@ class _Jobs(NamedTuple):
     at: np.ndarray
 
 
+class _Kernel(NamedTuple):
+    jobs: Any  # engram_pread_jobs
+    map_file: Any  # engram_map_file: a read-only mapping for mincore probes
+    unmap_file: Any
+
+
 @lru_cache(maxsize=1)
-def _load_kernel() -> Any:
-    """`engram_pread_jobs` from the optional C extension (ctypes: the GIL is released during a
-    call), or None when it was not built."""
+def _load_kernel() -> _Kernel | None:
+    """The C extension's functions (ctypes: the GIL is released during a call), or None when it
+    was not built."""
     spec = importlib.util.find_spec("engram._preadkernel")
     if spec is None or spec.origin is None:
         return None
     try:
-        fn = ctypes.CDLL(spec.origin).engram_pread_jobs
+        lib = ctypes.CDLL(spec.origin)
+        fn, map_file, unmap_file = lib.engram_pread_jobs, lib.engram_map_file, lib.engram_unmap_file
     except (OSError, AttributeError):
         return None
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [c_int, i64, p, p, p, p, c_int, i64, p, p]
+    fn.argtypes = [c_int, i64, p, p, p, p, c_int, i64, p, p, p]
     fn.restype = c_int
-    return fn
+    map_file.argtypes, map_file.restype = [c_int, i64], p
+    unmap_file.argtypes, unmap_file.restype = [p, i64], c_int
+    return _Kernel(fn, map_file, unmap_file)
 
 
 def kernel_available() -> bool:
@@ -254,6 +263,7 @@ class PreadRowStore(TableFileStore):
             raise
         self._nowait = bool(_NOWAIT) and not self._direct
         self._kernel = _load_kernel() if kernel else None
+        self._map_addr = 0  # read-only mapping for mincore probes (0: not made, -1: failed)
         self._local = threading.local()
         self._threads = threads
         self._pool = (
@@ -334,12 +344,18 @@ class PreadRowStore(TableFileStore):
 
     def gather_nowait(self, rows: Tensor) -> PartialGather:
         """The rows of `rows` whose bytes are in the page cache, read at once (RWF_NOWAIT); the
-        others' disk reads are queued (POSIX_FADV_WILLNEED) and left to `finish`, which reads
-        them with `gather` (see `engram.store.base.PartialGather`). With O_DIRECT, or where the
-        filesystem refuses RWF_NOWAIT, every row is left to `finish`."""
+        others are left to `finish`, which reads them with `gather` (see
+        `engram.store.base.PartialGather`). No disk I/O is started here: the caller is the model
+        thread, and `finish` runs on the prefetch worker. A row is tried only if mincore() on
+        a mapping of the file (never read through) says its pages are cached, because a
+        RWF_NOWAIT read that misses starts the disk read before returning EAGAIN (measured:
+        probing on the model thread that way made decoding new text 5% slower). Without the C
+        kernel, with O_DIRECT, where the filesystem refuses RWF_NOWAIT or mincore is refused,
+        every row is left to `finish`."""
+
         flat = self._flat_ids(rows, "PreadRowStore.gather_nowait")
         shape = (*rows.shape, self.dim)
-        if not self._nowait:
+        if not self._nowait or self._kernel is None or not self._probe_map():
             out = torch.empty(flat.size, self.dim, dtype=self._out_dtype)  # (S, dim)
             pending = np.arange(flat.size, dtype=np.int64)
         else:
@@ -351,6 +367,18 @@ class PreadRowStore(TableFileStore):
             pending = np.flatnonzero(np.repeat(waiting, plan.nrows)[plan.index])  # (P,)
         finish = finish_by_gather(self, torch.from_numpy(flat), out, pending)
         return PartialGather(out.view(shape), pending, finish)
+
+    def _probe_map(self) -> int | None:
+        """Address of a read-only mapping of the file for mincore probes (made on first use;
+        None where it cannot be made)."""
+        addr = self._map_addr
+        if addr == 0 and self._kernel is not None and not self._closed:
+            with self._stats_lock:
+                if self._map_addr == 0:
+                    self._map_addr = self._kernel.map_file(self._fd, self._header.file_nbytes)
+                    self._map_addr = self._map_addr or -1  # -1: tried, failed
+            addr = self._map_addr
+        return addr if addr and addr > 0 else None
 
     def read_rows(self, rows: np.ndarray) -> Tensor:
         """Distinct sorted ids (U,) int64 -> their rows (U, dim) in the storage dtype (int8 rows
@@ -473,17 +501,20 @@ class PreadRowStore(TableFileStore):
     ) -> tuple[int, int, np.ndarray | None]:
         kernel = self._kernel
         if kernel is None:
-            return self._read_part_py(fd, memoryview(buf.numpy()), jobs, only)
+            assert not only, "gather_nowait needs the C kernel"
+            return self._read_part_py(fd, memoryview(buf.numpy()), jobs)
         n = jobs.off.size
         off, size, at = (np.ascontiguousarray(x, dtype=np.int64) for x in jobs)
         counts = np.zeros(4, dtype=np.int64)
         scratch = np.empty(n, dtype=np.int64)
-        flags = (1 if self._nowait else 0) | (2 if self.advise and not self._direct else 0)
-        flags |= 4 if only else 0
+        advise = self.advise and not self._direct and not only  # `only`: no I/O on this thread
+        flags = (1 if self._nowait else 0) | (2 if advise else 0) | (4 if only else 0)
         eof = self._header.file_nbytes if self._direct else 1 << 62
-        rc = kernel(
+        probe = self._probe_map() if only else None
+        flags |= 8 if probe else 0
+        rc = kernel.jobs(
             fd, n, off.ctypes.data, size.ctypes.data, at.ctypes.data, buf.data_ptr(), flags, eof,
-            counts.ctypes.data, scratch.ctypes.data,
+            counts.ctypes.data, scratch.ctypes.data, probe,
         )  # fmt: skip
         if counts[2]:
             self._nowait = False
@@ -503,17 +534,15 @@ class PreadRowStore(TableFileStore):
             "was opened"
         )
 
-    def _read_part_py(
-        self, fd: int, view: memoryview, jobs: _Jobs, only: bool = False
-    ) -> tuple[int, int, np.ndarray | None]:
-        """The same phases as the C kernel (_preadkernel.c), one syscall per row in Python."""
+    def _read_part_py(self, fd: int, view: memoryview, jobs: _Jobs) -> tuple[int, int, None]:
+        """The same phases as the C kernel (_preadkernel.c), one syscall per row in Python
+        (no NOWAIT_ONLY: `gather_nowait` needs the kernel's mincore probe)."""
         reads = cached = 0
         triples = list(zip(jobs.off.tolist(), jobs.size.tolist(), jobs.at.tolist(), strict=True))
         pending = triples
-        left = list(range(len(triples)))  # jobs not (wholly) read yet
         if self._nowait:
-            pending, left = [], []
-            for j, (off, nb, at) in enumerate(triples):
+            pending = []
+            for off, nb, at in triples:
                 try:
                     n = os.preadv(fd, [view[at : at + nb]], off, _NOWAIT)
                 except BlockingIOError:
@@ -522,7 +551,7 @@ class PreadRowStore(TableFileStore):
                     if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                         raise
                     self._nowait = False
-                    pending, left = triples, list(range(len(triples)))
+                    pending = triples
                     break
                 if n:
                     reads += 1
@@ -530,17 +559,12 @@ class PreadRowStore(TableFileStore):
                     cached += 1
                 else:
                     pending.append((off + n, nb - n, at + n))
-                    left.append(j)
         if not pending:
             return reads, cached, None
-        if self.advise and (len(pending) > 1 or only) and not self._direct:
+        if self.advise and len(pending) > 1 and not self._direct:
             with contextlib.suppress(OSError):
                 for off, nb, _ in pending:
                     os.posix_fadvise(fd, off, nb, os.POSIX_FADV_WILLNEED)
-        if only:  # the caller reads the remembered jobs later, whole
-            waiting = np.zeros(len(triples), dtype=bool)
-            waiting[left] = True
-            return reads, cached, waiting
         eof = self._header.file_nbytes if self._direct else 1 << 62
         for off, nb, at in pending:
             while nb:
@@ -573,6 +597,10 @@ class PreadRowStore(TableFileStore):
 
     # ------------------------------------------------------------------ lifetime
     def _close_fds(self) -> None:
+        addr, kernel = getattr(self, "_map_addr", 0), getattr(self, "_kernel", None)
+        if addr > 0 and kernel is not None:
+            kernel.unmap_file(addr, self._header.file_nbytes)
+        self._map_addr = 0
         for fd in (self._fd, self._dfd):
             if fd >= 0:
                 os.close(fd)

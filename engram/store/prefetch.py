@@ -17,7 +17,8 @@ Design choices:
 - Only waiting goes to the worker. A store that offers `gather_nowait` (`engram.store.base`;
   RAM, the hot-row cache, the pread reader) serves the rows it has at hand -- in RAM, in the row
   cache, in the page cache -- right in `prefetch`, on the caller's thread, and the worker gets
-  only the reads that would wait on storage (their disk reads already queued). A warm step then
+  only the reads that would wait on storage (no I/O, not even a read-ahead hint, is started on
+  the caller's thread: the worker starts them microseconds later). A warm step then
   costs no thread hand-off at all: measured on a 2-core machine, handing every gather to the
   worker made warm decoding 5-10% slower than RAM, though the reads took a fraction of that, as
   the two threads' Python took turns with the GIL. Other stores (mmap, sharded) are gathered
@@ -367,7 +368,9 @@ class PrefetchingStore:
 
     `gather(rows)` returns the result of a pending prefetch made with equal ids (waiting for it,
     re-raising its error), else gathers synchronously; the values always equal `inner.gather(rows)`
-    (moved to `device`, if given). Use it from one thread (the model's); `prefetcher` may be
+    (moved to `device`, if given). With `serve_at_hand` (default) the rows the inner store has
+    at hand are served in `prefetch` itself (see the module doc); False sends every prefetch to
+    the worker whole. Use it from one thread (the model's); `prefetcher` may be
     shared by several stores and is closed by its owner, not by the store.
     """
 
@@ -378,6 +381,7 @@ class PrefetchingStore:
         *,
         device: torch.device | str | None = None,
         max_entries: int = 4,
+        serve_at_hand: bool = True,
     ) -> None:
         if not isinstance(inner, RowStore):
             raise TypeError(f"inner must be a RowStore, got {type(inner).__name__}")
@@ -390,6 +394,8 @@ class PrefetchingStore:
         self.max_entries = max_entries
         self.device = None if device is None else torch.device(device)
         self._cuda = self.device is not None and self.device.type == "cuda"
+        # serve rows at hand in `prefetch` (inner.gather_nowait); False: every gather on the worker
+        self.serve_at_hand = bool(serve_at_hand)
         self._stream: Any = None
         self._pool: _PinnedPool | None = None
         if self._cuda:
@@ -471,7 +477,9 @@ class PrefetchingStore:
         version = _version_of(rows)
         if version is None:  # an inference tensor (no version counter): keep a private copy
             rows = rows.clone()
-        nowait = None if self._cuda else getattr(self.inner, "gather_nowait", None)
+        nowait = None
+        if self.serve_at_hand and not self._cuda:
+            nowait = getattr(self.inner, "gather_nowait", None)
         if nowait is not None:
             if self.prefetcher.closed:
                 raise RuntimeError("the Prefetcher is closed; submit needs an open one")
