@@ -98,6 +98,9 @@ _MIN_SKETCH_WIDTH: Final = 256
 _MIN_SAMPLE_SIZE: Final = 1 << 14  # a small cache still remembers a few batches of traffic
 _MAX_SAMPLE_SIZE: Final = 1 << 29  # keeps int32 sketch counters far from overflow
 _SMALL_REQUEST: Final = 128  # requests of at most this many ids take the per-occurrence path
+_AT_HAND_MIN: Final = 0.5  # gather_nowait asks the inner store while this share pays ...
+_AT_HAND_WEIGHT: Final = 0.2  # ... averaged with this weight per probe ...
+_PROBE_EVERY: Final = 16  # ... and otherwise every this many calls
 _INT64_MAX: Final = (1 << 63) - 1
 _PROTECTED: Final = _INT64_MAX  # score of a slot that must not be evicted in this call
 _ALWAYS: Final = _INT64_MAX - 1  # LRU candidate priority: beats every unprotected victim
@@ -309,6 +312,8 @@ class CachedRowStore:
         self._clock = 0
         self._epoch = 0
         self._kernel = _load_kernel() if kernel else None
+        self._at_hand = 1.0  # running share of misses the inner store's gather_nowait served
+        self._probe_skips = 0
         # the probe's fixed arguments: these arrays are only ever modified in place
         self._probe_args = (
             self._memo.ctypes.data, int(self._memo_shift), self._slot_id.ctypes.data,
@@ -486,18 +491,23 @@ class CachedRowStore:
         """The resident rows at once and the misses the inner store has at hand (its own
         `gather_nowait`, e.g. rows in the page cache); the rest, and the admission of every
         miss, are left to `finish` (see `engram.store.base.PartialGather`). An inner store
-        without `gather_nowait` leaves every miss to `finish`."""
+        without `gather_nowait` leaves every miss to `finish`; so does one whose probes have
+        lately found fewer than half the misses at hand (new text against a table larger than
+        RAM: probing on the model thread was measured to cost more than it saved), except for
+        one call in `_PROBE_EVERY`."""
         shape, epoch, out, m = self._lookup_request(rows, "CachedRowStore.gather_nowait")
         full = (*shape, self._dim)
         if m is None:
             return complete_gather(out.view(full))
         nowait = getattr(self.inner, "gather_nowait", None)
-        if nowait is None:
+        if nowait is None or not self._probe_inner():
             return PartialGather(
                 out.view(full), m.miss_occ, lambda: self._serve_misses(epoch, out, m)
             )
         with torch.no_grad():
             part = nowait(torch.from_numpy(m.missing))  # (M, dim), some rows maybe pending
+        at_hand = 1.0 - part.pending.size / m.missing.size
+        self._at_hand = (1 - _AT_HAND_WEIGHT) * self._at_hand + _AT_HAND_WEIGHT * at_hand
         fetched = part.out.detach().to(device=self.device, dtype=self.dtype)
         if part.complete:
             self._place(epoch, out, m, fetched)
@@ -514,6 +524,18 @@ class CachedRowStore:
             self._place(epoch, out, m, part.out.detach().to(device=self.device, dtype=self.dtype))
 
         return PartialGather(out.view(full), m.miss_occ[wait_j[m.miss_j]], finish)
+
+    def _probe_inner(self) -> bool:
+        """Whether `gather_nowait` asks the inner store for its misses at once: while that has
+        paid (an average share of misses at hand of at least `_AT_HAND_MIN`), else every
+        `_PROBE_EVERY`-th time, to notice when it pays again."""
+        if self._at_hand >= _AT_HAND_MIN:
+            return True
+        self._probe_skips += 1
+        if self._probe_skips < _PROBE_EVERY:
+            return False
+        self._probe_skips = 0
+        return True
 
     def _lookup_request(
         self, rows: Tensor, what: str
