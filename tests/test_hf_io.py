@@ -28,6 +28,8 @@ from engram.hf import (
 )
 from engram.hf import io as hf_io
 from engram.hf.io import base_fingerprint, read_manifest
+from engram.store.mmap import MmapRowStore
+from engram.store.pread import PreadRowStore
 from engram.store.prefetch import PrefetchingStore
 from engram.store.tablefile import read_header
 from engram.tokenizer import train_bpe
@@ -143,6 +145,16 @@ def test_round_trip_ram_and_mmap_is_exact(tok, tmp_path: Path) -> None:
     finally:
         close_engram(served)
     assert torch.equal(logits(load_engram(base(tok), again, tok), inputs), ref)
+    for reader, kind in (("pread", PreadRowStore), ("mmap", MmapRowStore)):  # auto: mmap here
+        served = load_engram(base(tok), out, tok, tables="mmap", reader=reader, cache_rows=16)
+        try:
+            assert torch.equal(logits(served, inputs), ref)
+            for e in get_attachment(served).engram_layers().values():
+                assert isinstance(e.store.inner, kind)
+        finally:
+            close_engram(served)
+    with pytest.raises(ValueError, match="reader must be one of"):
+        load_engram(base(tok), out, tok, tables="mmap", reader="disk")
 
 
 def test_round_trip_lora_and_full_mode(tok, tmp_path: Path) -> None:

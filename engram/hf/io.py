@@ -67,7 +67,6 @@ from engram.hf.attach import ATTACHMENT, EngramAttachment, add_engram, get_attac
 from engram.store.base import RowStore
 from engram.store.cache import CachedRowStore
 from engram.store.memory import MemoryRowStore
-from engram.store.mmap import MmapRowStore
 from engram.store.prefetch import Prefetcher, PrefetchingStore
 from engram.store.stack import close_stack, stack_stats
 from engram.store.tablefile import DTYPE_CODES, TableFileError, read_header, write_table
@@ -91,9 +90,6 @@ ARCH_FIELDS = (
 )
 SAMPLE_VALUES = 1024  # values per parameter in the base fingerprint (the embedding: all)
 _CHUNK_ROWS = 65536
-# Rows per request advised to the kernel up front, as `engram.serving.WILLNEED_MAX` (not imported:
-# engram.serving sits above engram.train, which imports engram.hf).
-WILLNEED_MAX = 4096
 SERVING_ATTR = "serving"  # `model.engram.serving`: the tier stack of a tables="mmap" load
 
 
@@ -563,17 +559,18 @@ def _ram_stores(
 
 def _mmap_stores(
     d: Path, files: Mapping[int, Path], fingerprint: str, *, cache_rows: int, prefetch: bool,
-    verify: bool, device: torch.device,
+    verify: bool, device: torch.device, reader: str,
 ) -> tuple[dict[int, RowStore], Prefetcher | None]:  # fmt: skip
-    """The tier stack of `engram.serving.load_served`, per layer: mmap -> cache -> prefetch."""
+    """The tier stack of `engram.serving.load_served`, per layer: file (mmap or pread, as
+    `reader` says) -> cache -> prefetch."""
+    from engram.serving import TierConfig, open_table  # here: engram.serving imports engram.hf
+
+    tier = TierConfig(store="mmap", reader=reader, verify=verify)
     prefetcher = Prefetcher(max_pending=2 * len(files)) if prefetch else None
     stores: dict[int, RowStore] = {}
     try:
         for lid, f in files.items():
-            store: RowStore = MmapRowStore(
-                f, expected_fingerprint=fingerprint, verify=verify, check_bounds=False,
-                willneed_max=WILLNEED_MAX,
-            )  # fmt: skip
+            store: RowStore = open_table(f, tier, fingerprint)
             if cache_rows:
                 store = CachedRowStore(store, capacity_rows=cache_rows, check_bounds=False)
             if prefetcher is not None:
@@ -671,6 +668,7 @@ def load_engram(
     prefetch: bool = False,
     verify: bool = False,
     check_base: bool = True,
+    reader: str = "auto",
 ) -> nn.Module:
     """Attach the Engram saved in `directory` to `model` (the same base, freshly loaded).
 
@@ -678,7 +676,9 @@ def load_engram(
     fingerprint) unless the save holds the base's own weights (full mode), which are loaded into
     it. `tables`: "ram" loads the tables into memory (trainable, data crc checked); "mmap" serves
     rows from the table files through a hot-row cache of `cache_rows` rows per layer (0 = none)
-    and, with `prefetch`, a background prefetch thread (`close_engram(model)` releases them).
+    and, with `prefetch`, a background prefetch thread (`close_engram(model)` releases them);
+    `reader` ("auto", "mmap" or "pread") reads the files as `engram.serving.TierConfig.reader`
+    does (auto: pread for a file larger than half the RAM).
     `verify` checks the table files' data crc in mmap mode too (a full read). Returns the model
     to use: `model` itself, or a `peft` model around it when the save holds a LoRA adapter.
     What trains afterwards is what trained when it was saved: Engram (ram tables), plus the
@@ -690,8 +690,12 @@ def load_engram(
         raise ValueError(f"tables must be 'ram' or 'mmap', got {tables!r}")
     if isinstance(cache_rows, bool) or not isinstance(cache_rows, int) or cache_rows < 0:
         raise ValueError(f"cache_rows must be an int >= 0, got {cache_rows!r}")
-    if tables == "ram" and (cache_rows or prefetch):
-        raise ValueError("cache_rows and prefetch apply to tables='mmap' only")
+    if tables == "ram" and (cache_rows or prefetch or reader != "auto"):
+        raise ValueError("cache_rows, prefetch and reader apply to tables='mmap' only")
+    from engram.serving import READERS  # here: engram.serving imports engram.hf
+
+    if reader not in READERS:
+        raise ValueError(f"reader must be one of {list(READERS)}, got {reader!r}")
     if _is_peft(model):
         raise ValueError(
             f"load_engram takes the plain base model, got a peft {type(model).__name__}: the "
@@ -717,7 +721,7 @@ def load_engram(
     else:
         stores, prefetcher = _mmap_stores(
             d, files, fingerprint, cache_rows=cache_rows, prefetch=prefetch, verify=verify,
-            device=emb.device,
+            device=emb.device, reader=reader,
         )  # fmt: skip
         serving = EngramServing(stores, dict(files), prefetcher)
     try:
