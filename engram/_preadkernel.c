@@ -76,6 +76,18 @@ void *engram_map_file(int fd, int64_t size) {
 
 int engram_unmap_file(void *addr, int64_t size) { return munmap(addr, (size_t)size); }
 
+/* out[i] = 1 if every page of [off[i], off[i] + len) is in the page cache (mincore on `map`,
+ * which is never read through, so nothing is read from storage); returns how many are. */
+int64_t engram_resident(const char *map, int64_t n, const int64_t *off, int64_t len,
+                        uint8_t *out) {
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; i++) {
+        out[i] = (uint8_t)resident(map, off[i], len);
+        count += out[i];
+    }
+    return count;
+}
+
 static int read_fully(int fd, int64_t off, int64_t len, char *dst, int64_t eof_ok_from,
                       int64_t *reads) {
     while (len > 0) {

@@ -29,6 +29,10 @@ Design choices:
   of syscalls when the pages are already cached. It is off by default (a bare gather stays one
   `index_select`) and on in the serving tier, where prefetch runs it off the critical path.
   Sequential reads (`read_range`: export, checkpoint copies) use plain file reads with read-ahead.
+- `gather_nowait` (what `PrefetchingStore` asks first, on the model thread) selects only the rows
+  whose pages are in the page cache, found with mincore() on a second, never-touched mapping (the
+  row reader's `ResidencyProbe`: the probe reads nothing, whereas touching the main map would
+  fault a missing page in right there); the rest is left to the prefetch worker.
 - No autograd: `trainable_parameters()` is empty; training goes through `apply_row_update`.
 - Counters (`stats()`, the row reader's `ReadStats`): gathers, rows served and the wall time in
   `gather`. What a gather made the kernel read from storage is invisible to the store (page
@@ -48,11 +52,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from engram.store.base import check_row_ids
+from engram.store.base import PartialGather, check_row_ids, complete_gather, finish_by_gather
 from engram.store.filestore import TableFileStore
+from engram.store.pread import ResidencyProbe
 from engram.store.tablefile import (
     FLAG_DIRTY,
     TableFileError,
@@ -105,6 +111,7 @@ class MmapRowStore(TableFileStore):
         except BaseException:
             self._file.close()
             raise
+        self._probe: ResidencyProbe | None = None  # mincore probes for gather_nowait (lazily)
         self._closed = False
 
     # ------------------------------------------------------------------ setup
@@ -145,25 +152,66 @@ class MmapRowStore(TableFileStore):
     # ------------------------------------------------------------------ reading
     def gather(self, rows: Tensor) -> Tensor:
         """Rows at global ids `rows` (integer, shape S) -> S + (dim,) in `out_dtype`, on the CPU."""
-        self._check_open("gather")
-        t0 = time.perf_counter()
-        if self.check_bounds:
-            check_row_ids(rows, self.num_rows, what="MmapRowStore.gather")
-        elif rows.dtype.is_floating_point or rows.dtype == torch.bool:
-            raise TypeError(f"MmapRowStore.gather: row ids must be integer, got {rows.dtype}")
-        flat = rows.reshape(-1).to(device="cpu", dtype=torch.long)  # (R,)
+        flat = self._flat_ids(rows, "gather")  # (R,)
         if 0 < flat.numel() <= self.willneed_max:
             self._will_need(flat)
+        return self._select(flat).reshape(*rows.shape, self.dim)  # S + (dim,)
+
+    def gather_nowait(self, rows: Tensor) -> PartialGather:
+        """The rows whose pages are in the page cache (mincore on a separate, never-read mapping:
+        the probe reads nothing from storage), selected at once; the others are left to
+        `finish`, a `gather` (see `engram.store.base.PartialGather`). Without the C read kernel
+        every row is left to `finish`."""
+        flat = self._flat_ids(rows, "gather_nowait")  # (R,)
+        shape = (*rows.shape, self.dim)
+        probe = self._residency()
+        if probe is None:
+            ready = np.zeros(flat.numel(), dtype=bool)
+        else:
+            h = self._header
+            ids = flat.numpy()
+            ready = probe.resident(h.data_offset + ids * self._row_nbytes, self._row_nbytes)
+            if self._scale is not None:
+                ready &= probe.resident(h.scale_offset + ids * 4, 4)
+        if ready.all():
+            return complete_gather(self._select(flat).view(shape))
+        out = torch.empty(flat.numel(), self.dim, dtype=self._out_dtype)  # (R, dim)
+        at = np.flatnonzero(ready)
+        if at.size:
+            idx = torch.from_numpy(at)
+            out[idx] = self._select(flat.index_select(0, idx))
+        pending = np.flatnonzero(~ready)
+        return PartialGather(out.view(shape), pending, finish_by_gather(self, flat, out, pending))
+
+    def _flat_ids(self, rows: Tensor, what: str) -> Tensor:
+        self._check_open(what)
+        if self.check_bounds:
+            check_row_ids(rows, self.num_rows, what=f"MmapRowStore.{what}")
+        elif rows.dtype.is_floating_point or rows.dtype == torch.bool:
+            raise TypeError(f"MmapRowStore.{what}: row ids must be integer, got {rows.dtype}")
+        return rows.reshape(-1).to(device="cpu", dtype=torch.long)  # (R,)
+
+    def _select(self, flat: Tensor) -> Tensor:
+        """Rows `flat` (R,) -> (R, dim) in `out_dtype`: one index_select on the mapped view."""
+        t0 = time.perf_counter()
         out = torch.index_select(self._data, 0, flat)  # (R, dim) storage dtype
         if self._scale is not None:
             out = out.float() * self._scale.index_select(0, flat)[:, None]
-        out = out.to(self._out_dtype).reshape(*rows.shape, self.dim)  # S + (dim,)
+        out = out.to(self._out_dtype)
         elapsed = time.perf_counter() - t0
         with self._stats_lock:
             self._stats.gathers += 1
             self._stats.rows_served += flat.numel()
             self._stats.read_time_s += elapsed
         return out
+
+    def _residency(self) -> ResidencyProbe | None:
+        """The mincore probe of this file (made on first use), or None where it cannot be."""
+        if self._probe is None:
+            with self._stats_lock:
+                if self._probe is None:
+                    self._probe = ResidencyProbe(self._file.fileno(), self._header.file_nbytes)
+        return self._probe if self._probe.available else None
 
     def _will_need(self, flat: Tensor) -> None:
         """Ask the kernel to read the pages of rows `flat` (R,) now, all at once (MADV_WILLNEED)."""
@@ -291,6 +339,8 @@ class MmapRowStore(TableFileStore):
             if self._writable:
                 self._mm.flush()
             self._data = self._scale = None  # type: ignore[assignment]  # drop the buffer exports
+            if self._probe is not None:
+                self._probe.close()
             self._mm.close()
             self._file.close()
 

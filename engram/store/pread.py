@@ -161,6 +161,7 @@ class _Kernel(NamedTuple):
     jobs: Any  # engram_pread_jobs
     map_file: Any  # engram_map_file: a read-only mapping for mincore probes
     unmap_file: Any
+    resident: Any  # engram_resident: which ranges are in the page cache
 
 
 @lru_cache(maxsize=1)
@@ -173,6 +174,7 @@ def _load_kernel() -> _Kernel | None:
     try:
         lib = ctypes.CDLL(spec.origin)
         fn, map_file, unmap_file = lib.engram_pread_jobs, lib.engram_map_file, lib.engram_unmap_file
+        resident = lib.engram_resident
     except (OSError, AttributeError):
         return None
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -180,7 +182,39 @@ def _load_kernel() -> _Kernel | None:
     fn.restype = c_int
     map_file.argtypes, map_file.restype = [c_int, i64], p
     unmap_file.argtypes, unmap_file.restype = [p, i64], c_int
-    return _Kernel(fn, map_file, unmap_file)
+    resident.argtypes, resident.restype = [p, i64, p, i64, p], i64
+    return _Kernel(fn, map_file, unmap_file, resident)
+
+
+class ResidencyProbe:
+    """Which byte ranges of an open file are in the page cache, asked without reading anything:
+    mincore() on a read-only mapping of the file that is never read through (the C kernel).
+    `available` is False without the kernel or where the mapping cannot be made; then every
+    range counts as not resident. Thread-safe; `close()` unmaps."""
+
+    def __init__(self, fd: int, nbytes: int) -> None:
+        self._kernel = _load_kernel()
+        self._nbytes = nbytes
+        addr = self._kernel.map_file(fd, nbytes) if self._kernel is not None else None
+        self.address: int = int(addr or 0)
+
+    @property
+    def available(self) -> bool:
+        return self.address != 0
+
+    def resident(self, offsets: np.ndarray, length: int) -> np.ndarray:
+        """(n,) bool: whether each [offsets[i], offsets[i] + length) is wholly in the page cache."""
+        off = np.ascontiguousarray(offsets, dtype=np.int64)
+        out = np.zeros(off.size, dtype=bool)
+        if self.available and off.size:
+            assert self._kernel is not None
+            self._kernel.resident(self.address, off.size, off.ctypes.data, length, out.ctypes.data)
+        return out
+
+    def close(self) -> None:
+        if self.address and self._kernel is not None:
+            self._kernel.unmap_file(self.address, self._nbytes)
+        self.address = 0
 
 
 def kernel_available() -> bool:
@@ -263,7 +297,7 @@ class PreadRowStore(TableFileStore):
             raise
         self._nowait = bool(_NOWAIT) and not self._direct
         self._kernel = _load_kernel() if kernel else None
-        self._map_addr = 0  # read-only mapping for mincore probes (0: not made, -1: failed)
+        self._probe: ResidencyProbe | None = None  # mincore probes (made on first use)
         self._local = threading.local()
         self._threads = threads
         self._pool = (
@@ -371,14 +405,11 @@ class PreadRowStore(TableFileStore):
     def _probe_map(self) -> int | None:
         """Address of a read-only mapping of the file for mincore probes (made on first use;
         None where it cannot be made)."""
-        addr = self._map_addr
-        if addr == 0 and self._kernel is not None and not self._closed:
+        if self._probe is None and self._kernel is not None and not self._closed:
             with self._stats_lock:
-                if self._map_addr == 0:
-                    self._map_addr = self._kernel.map_file(self._fd, self._header.file_nbytes)
-                    self._map_addr = self._map_addr or -1  # -1: tried, failed
-            addr = self._map_addr
-        return addr if addr and addr > 0 else None
+                if self._probe is None:
+                    self._probe = ResidencyProbe(self._fd, self._header.file_nbytes)
+        return self._probe.address if self._probe is not None and self._probe.available else None
 
     def read_rows(self, rows: np.ndarray) -> Tensor:
         """Distinct sorted ids (U,) int64 -> their rows (U, dim) in the storage dtype (int8 rows
@@ -597,10 +628,9 @@ class PreadRowStore(TableFileStore):
 
     # ------------------------------------------------------------------ lifetime
     def _close_fds(self) -> None:
-        addr, kernel = getattr(self, "_map_addr", 0), getattr(self, "_kernel", None)
-        if addr > 0 and kernel is not None:
-            kernel.unmap_file(addr, self._header.file_nbytes)
-        self._map_addr = 0
+        probe = getattr(self, "_probe", None)
+        if probe is not None:
+            probe.close()
         for fd in (self._fd, self._dfd):
             if fd >= 0:
                 os.close(fd)
