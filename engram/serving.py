@@ -43,18 +43,19 @@ from engram.checkpoint import TABLES_DIR, Checkpoint, read_checkpoint, table_fil
 from engram.export import export_tables
 from engram.store.base import RowStore
 from engram.store.cache import CachedRowStore
-from engram.store.mmap import MmapRowStore
-from engram.store.pread import PreadRowStore
 from engram.store.prefetch import Prefetcher, PrefetchingStore
+from engram.store.readers import (
+    AUTO_PREAD_RAM_FRACTION,  # resolve_reader passes it on: tests may lower it here
+    READERS,
+    choose_reader,
+    open_table_file,
+)
 from engram.store.stack import close_stack, stack_stats
 from engram.store.tablefile import DTYPE_CODES
 from engram.store.tables import table_file_name
 from engram.train import RunParts, load_trained
 
 STORES = ("ram", "mmap")
-READERS = ("auto", "mmap", "pread")  # how a table file is read (see the module doc)
-AUTO_PREAD_RAM_FRACTION = 0.5  # "auto": pread for a table file larger than this share of RAM
-WILLNEED_MAX = 4096  # rows per request advised to the kernel up front (a decode step reads B*H)
 
 
 @dataclass(frozen=True)
@@ -175,27 +176,17 @@ def table_files(ckpt: Checkpoint, tier: TierConfig) -> dict[int, Path]:
 def resolve_reader(tier: TierConfig, path: Path) -> str:
     """ "mmap" or "pread": the tier's reader, with "auto" decided by the file's size against RAM
     (pread whenever the pread-only options `direct`/`reader_threads` are set)."""
-    if tier.reader != "auto":
-        return tier.reader
-    if tier.direct or tier.reader_threads:
-        return "pread"
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not reported: assume the table fits
-        return "mmap"
-    return "pread" if path.stat().st_size > AUTO_PREAD_RAM_FRACTION * ram else "mmap"
+    return choose_reader(
+        tier.reader, path, pread_options=bool(tier.direct or tier.reader_threads),
+        ram_fraction=AUTO_PREAD_RAM_FRACTION,
+    )  # fmt: skip
 
 
 def open_table(path: Path, tier: TierConfig, fingerprint: str | None) -> RowStore:
     """The innermost store of a disk tier: the table file at `path`, read as `tier.reader` says."""
-    if resolve_reader(tier, path) == "pread":
-        return PreadRowStore(
-            path, expected_fingerprint=fingerprint, verify=tier.verify, check_bounds=False,
-            threads=tier.reader_threads, direct=tier.direct,
-        )  # fmt: skip
-    return MmapRowStore(
-        path, expected_fingerprint=fingerprint, verify=tier.verify, check_bounds=False,
-        willneed_max=WILLNEED_MAX if tier.willneed else 0,
+    return open_table_file(
+        path, resolve_reader(tier, path), fingerprint=fingerprint, verify=tier.verify,
+        threads=tier.reader_threads, direct=tier.direct, willneed=tier.willneed,
     )  # fmt: skip
 
 

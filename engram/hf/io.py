@@ -68,6 +68,7 @@ from engram.store.base import RowStore
 from engram.store.cache import CachedRowStore
 from engram.store.memory import MemoryRowStore
 from engram.store.prefetch import Prefetcher, PrefetchingStore
+from engram.store.readers import READERS, open_table_file
 from engram.store.stack import close_stack, stack_stats
 from engram.store.tablefile import DTYPE_CODES, TableFileError, read_header, write_table
 from engram.store.tables import read_tables, table_file_name
@@ -563,14 +564,11 @@ def _mmap_stores(
 ) -> tuple[dict[int, RowStore], Prefetcher | None]:  # fmt: skip
     """The tier stack of `engram.serving.load_served`, per layer: file (mmap or pread, as
     `reader` says) -> cache -> prefetch."""
-    from engram.serving import TierConfig, open_table  # here: engram.serving imports engram.hf
-
-    tier = TierConfig(store="mmap", reader=reader, verify=verify)
     prefetcher = Prefetcher(max_pending=2 * len(files)) if prefetch else None
     stores: dict[int, RowStore] = {}
     try:
         for lid, f in files.items():
-            store: RowStore = open_table(f, tier, fingerprint)
+            store: RowStore = open_table_file(f, reader, fingerprint=fingerprint, verify=verify)
             if cache_rows:
                 store = CachedRowStore(store, capacity_rows=cache_rows, check_bounds=False)
             if prefetcher is not None:
@@ -678,7 +676,7 @@ def load_engram(
     rows from the table files through a hot-row cache of `cache_rows` rows per layer (0 = none)
     and, with `prefetch`, a background prefetch thread (`close_engram(model)` releases them);
     `reader` ("auto", "mmap" or "pread") reads the files as `engram.serving.TierConfig.reader`
-    does (auto: pread for a file larger than half the RAM).
+    does (`engram.store.readers`; auto: pread for a file larger than half the RAM).
     `verify` checks the table files' data crc in mmap mode too (a full read). Returns the model
     to use: `model` itself, or a `peft` model around it when the save holds a LoRA adapter.
     What trains afterwards is what trained when it was saved: Engram (ram tables), plus the
@@ -692,8 +690,6 @@ def load_engram(
         raise ValueError(f"cache_rows must be an int >= 0, got {cache_rows!r}")
     if tables == "ram" and (cache_rows or prefetch or reader != "auto"):
         raise ValueError("cache_rows, prefetch and reader apply to tables='mmap' only")
-    from engram.serving import READERS  # here: engram.serving imports engram.hf
-
     if reader not in READERS:
         raise ValueError(f"reader must be one of {list(READERS)}, got {reader!r}")
     if _is_peft(model):

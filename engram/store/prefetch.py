@@ -460,9 +460,10 @@ class PrefetchingStore:
 
     # ------------------------------------------------------------------ prefetch
     def prefetch(self, rows: Tensor, *, timeout: float | None = None) -> None:
-        """Start `inner.gather(rows)` on the worker; a later `gather` of equal ids takes it.
+        """Start `inner.gather(rows)`; a later `gather` of equal ids takes the result.
 
-        Blocks while the prefetcher's queue is full; with `timeout`, a request that still finds
+        With `serve_at_hand`, the rows the inner store has at hand are served here and now
+        (`inner.gather_nowait`) and only the rest is read on the worker. Blocks while the prefetcher's queue is full; with `timeout`, a request that still finds
         it full is skipped (counted in `stats.skipped`): a prefetch is only a hint. Raises
         `RuntimeError` if the prefetcher is closed. Errors of the gather itself (e.g. ids out of
         range) surface from the `gather` that consumes it.
