@@ -236,6 +236,7 @@ def test_generate_verify_table_and_prompt_file(tiny_runs, tmp_path, capsys):
     assert main([*argv, "--verify-table", "--top-p", "0.9"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [o["prompt"] for o in out["outputs"]] == ["In the beginning", "And God said"]
+    assert 0 < out["decode_step_ms"]["median"] <= out["decode_step_ms"]["p90"]  # 1 step
     f = tables / "table_L1.engt"
     data = bytearray(f.read_bytes())
     data[-3] ^= 0x55

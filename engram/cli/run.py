@@ -200,6 +200,9 @@ def _print_generated(args, prompts: list[str], texts: list[str], res, stats: dic
         print(f"{p}\033[1m{t}\033[0m" if sys.stdout.isatty() else p + t)
         print()
     line = f"[{tier.store}] {res.tokens_per_s:.1f} tokens/s decoding, prefill {res.prefill_s:.2f} s"
+    latency = _step_latency(res)
+    if latency:
+        line += f"; step {latency['median']:.1f} ms median, {latency['p90']:.1f} ms p90"
     for lid, rec in stats.items():
         if "reader" in rec:
             line += f"; layer {lid} read by {rec['reader']['kind']}"
@@ -209,6 +212,17 @@ def _print_generated(args, prompts: list[str], texts: list[str], res, stats: dic
     if decode and decode["read_s"] > 0:
         line += f"; row reads {decode['hidden_fraction']:.0%} hidden behind compute"
     print(line, file=sys.stderr)
+
+
+def _step_latency(res) -> dict[str, float] | None:
+    """Median and 90th percentile of the decode steps' wall time, in ms (None without steps)."""
+    steps = sorted(res.stats.get("decode_step_s", []))
+    if not steps:
+        return None
+    return {
+        "median": 1e3 * steps[len(steps) // 2],
+        "p90": 1e3 * steps[min(len(steps) - 1, int(0.9 * len(steps)))],
+    }
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -239,6 +253,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         "prefill_s": res.prefill_s,
         "decode_s": res.decode_s,
         "decode_tokens_per_s": res.tokens_per_s,
+        "decode_step_ms": _step_latency(res),
         "rows": res.stats.get("rows"),
         "tiers": stats,
     }
