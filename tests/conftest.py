@@ -67,3 +67,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def run(tiny_runs, tmp_path):
+    """A private copy of the tiny Engram run (serving may export tables into it)."""
+    import shutil
+
+    dest = tmp_path / "run"
+    shutil.copytree(tiny_runs["engram"], dest)
+    return dest

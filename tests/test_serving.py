@@ -3,36 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from serving_helpers import PROMPTS, generate_prompts  # tests/serving_helpers.py
 
 from engram.cli import main
-from engram.generate import generate
 from engram.serving import TierConfig, load_served
 from engram.store import CachedRowStore, MmapRowStore, PrefetchingStore
 
 pytestmark = pytest.mark.usefixtures("one_thread", "analysis_env")
-
-PROMPTS = ["In the beginning God created", "And the LORD said unto Moses,"]
-
-
-@pytest.fixture
-def run(tiny_runs, tmp_path: Path) -> Path:
-    """A private copy of the tiny Engram run (serving may export tables into it)."""
-    dest = tmp_path / "run"
-    shutil.copytree(tiny_runs["engram"], dest)
-    return dest
-
-
-def _generate(served, **kw):
-    parts = served.parts
-    ids = [parts.tokenizer.encode(p).ids for p in PROMPTS]
-    return generate(
-        parts.model, ids, indexer=parts.indexer, max_new_tokens=6, return_logits=True, **kw
-    )
 
 
 @pytest.mark.parametrize(
@@ -48,9 +29,9 @@ def _generate(served, **kw):
 )
 def test_every_tier_generates_exactly_what_ram_does(run: Path, tier: TierConfig) -> None:
     with load_served(run) as ram:
-        ref = _generate(ram, temperature=0.9, seed=1)
+        ref = generate_prompts(ram, temperature=0.9, seed=1)
     with load_served(run, tier) as served:
-        got = _generate(served, temperature=0.9, seed=1)
+        got = generate_prompts(served, temperature=0.9, seed=1)
         layer_store = served.parts.model.engram_layers()[1].store
         stats = served.stats()["1"]
     assert got.tokens == ref.tokens
@@ -76,9 +57,9 @@ def test_every_tier_generates_exactly_what_ram_does(run: Path, tier: TierConfig)
 
 def test_int8_tables_are_close_but_smaller(run: Path) -> None:
     with load_served(run) as ram:
-        ref = _generate(ram, temperature=0)
+        ref = generate_prompts(ram, temperature=0)
     with load_served(run, TierConfig(store="mmap", dtype="int8")) as served:
-        got = _generate(served, temperature=0)
+        got = generate_prompts(served, temperature=0)
         f8 = served.files[1]
     f32 = run / "tables" / "step-000006-float32" / "table_L1.engt"
     assert not f32.exists()  # only the int8 export was made
@@ -120,7 +101,7 @@ def test_verify_refuses_a_table_whose_data_bytes_were_flipped(run: Path, tmp_pat
     assert read_header(f) == h  # the header (and its crc) cannot tell
 
     with load_served(run, TierConfig(store="mmap", tables=str(tmp_path / "tables"))) as served:
-        assert _generate(served, temperature=0).tokens  # serves the flipped row unawares
+        assert generate_prompts(served, temperature=0).tokens  # serves the flipped row unawares
     tier = TierConfig(store="mmap", tables=str(tmp_path / "tables"), verify=True)
     with pytest.raises(TableFileError, match="is corrupt: data crc32") as e:
         load_served(run, tier)

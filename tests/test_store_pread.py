@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from serving_helpers import generate_prompts  # tests/serving_helpers.py
 
 from engram import serving
-from engram.generate import generate
 from engram.serving import TierConfig, load_served, resolve_reader
 from engram.store import (
     CachedRowStore,
@@ -285,24 +285,6 @@ def test_kernel_availability_is_reported(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- serving
 
 
-PROMPTS = ["In the beginning God created", "And the LORD said unto Moses,"]
-
-
-@pytest.fixture
-def run(tiny_runs, tmp_path: Path) -> Path:
-    dest = tmp_path / "run"
-    shutil.copytree(tiny_runs["engram"], dest)
-    return dest
-
-
-def _generate(served, **kw):
-    parts = served.parts
-    ids = [parts.tokenizer.encode(p).ids for p in PROMPTS]
-    return generate(
-        parts.model, ids, indexer=parts.indexer, max_new_tokens=6, return_logits=True, **kw
-    )
-
-
 @pytest.mark.usefixtures("one_thread", "analysis_env")
 @pytest.mark.parametrize(
     "tier",
@@ -316,9 +298,9 @@ def _generate(served, **kw):
 )
 def test_generation_with_the_reader_is_bit_identical_to_ram(run: Path, tier: TierConfig) -> None:
     with load_served(run) as ram:
-        ref = _generate(ram, temperature=0.9, seed=1, prefill_chunk=3)
+        ref = generate_prompts(ram, temperature=0.9, seed=1, prefill_chunk=3)
     with load_served(run, tier) as served:
-        got = _generate(served, temperature=0.9, seed=1, prefill_chunk=3)
+        got = generate_prompts(served, temperature=0.9, seed=1, prefill_chunk=3)
         stats = served.stats()["1"]
         store = served.parts.model.engram_layers()[1].store
     assert got.tokens == ref.tokens
