@@ -271,7 +271,7 @@ def _prefill(
 
 @dataclass
 class _Sampling:
-    """How `_decode` picks each next token."""
+    """How `Decoder.step` picks each next token."""
 
     temperature: float
     top_k: int | None
