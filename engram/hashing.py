@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -45,6 +44,8 @@ from typing import Any, Final, NamedTuple
 
 import numpy as np
 import torch
+
+from engram._ext import load_extension
 
 # Axes: B batch, T time, L Engram layers, N max n-gram order, K heads per order,
 #       H = (N-1)*K sub-tables per layer.
@@ -139,13 +140,12 @@ class _Kernel(NamedTuple):
 @lru_cache(maxsize=1)
 def _load_kernel() -> _Kernel | None:
     """The compiled kernel, or None when the extension was not built."""
-    spec = importlib.util.find_spec("engram._hashkernel")
-    if spec is None or spec.origin is None:
+    lib = load_extension("engram._hashkernel")
+    if lib is None:
         return None
     try:
-        lib = ctypes.CDLL(spec.origin)
         fn, paths_fn, cpu_fn = lib.engram_hash, lib.engram_hash_paths, lib.engram_cpu_features
-    except (OSError, AttributeError):  # AttributeError: a stale build without the dispatch
+    except AttributeError:  # a stale build without the dispatch
         return None
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     fn.argtypes = [p, i64, i64, p, p, i64, i64, i64, i64, p, p, p, c_int, i64, c_int, p]

@@ -165,10 +165,13 @@ STORE_LOWER = {
     "engram.atomic": "crash-safe file writes, a leaf",
     "engram.rowadam": "the row-wise Adam update that stores without a parameter apply, a leaf",
     "engram.hashing": "row addressing, a leaf (a store may key rows by hash)",
+    "engram._ext": "loads the optional C extensions with ctypes, a leaf",
 }
 ALLOWED_LOWER: dict[str, dict[str, str]] = {
     "engram.store.*": STORE_LOWER,
-    "engram.hashing": {},  # the multiplicative-XOR hash itself: numpy and torch only
+    "engram.hashing": {  # the multiplicative-XOR hash itself: numpy and torch only, and ...
+        "engram._ext": "... its optional C kernel, loaded by a leaf",
+    },
     "engram.compress": {"engram.atomic": "writes its lookup table crash-safely, a leaf"},
     "engram.layer": {
         **STORE_LOWER,

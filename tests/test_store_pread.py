@@ -26,7 +26,8 @@ from engram.store import (
     read_table,
     write_table,
 )
-from engram.store.pread import PreadRowStore, kernel_available, plan_reads, proc_read_bytes
+from engram.store.pread import PreadRowStore, plan_reads, proc_read_bytes
+from engram.store.readkernel import kernel_available
 from engram.store.stack import stack_stats
 
 FP = "ab" * 32

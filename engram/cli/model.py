@@ -84,7 +84,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     paths = ", ".join(available_paths())
     print(f"hash kernel     {ix.hasher.path} (available here: {paths})")
     from engram.store.cache import kernel_available as cache_kernel
-    from engram.store.pread import kernel_available as pread_kernel
+    from engram.store.readkernel import kernel_available as pread_kernel
 
     built = {"row reader": pread_kernel(), "row-cache probe": cache_kernel()}
     print(

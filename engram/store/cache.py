@@ -79,7 +79,6 @@ Design choices:
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -90,6 +89,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from engram._ext import load_extension
 from engram.store.base import PartialGather, RowStore, check_row_ids, complete_gather
 
 POLICIES: Final = ("lfu", "lru")
@@ -120,12 +120,12 @@ def _load_kernel() -> Any:
     """`engram_cache_probe` from the optional C extension (`engram/_cachekernel.c`), or None when
     it was not built. Loaded with ctypes.PyDLL: the call keeps the GIL (it takes a microsecond;
     releasing the GIL would invite the prefetch thread to take it for longer)."""
-    spec = importlib.util.find_spec("engram._cachekernel")
-    if spec is None or spec.origin is None:
+    lib = load_extension("engram._cachekernel", keep_gil=True)
+    if lib is None:
         return None
     try:
-        fn = ctypes.PyDLL(spec.origin).engram_cache_probe
-    except (OSError, AttributeError):
+        fn = lib.engram_cache_probe
+    except AttributeError:  # a stale build
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     fn.argtypes = [i64, p, p, i64, p, p, p, p, p, i64, i64, i64, p, p, ctypes.c_uint64]

@@ -9,6 +9,9 @@ Design choices:
 - A base class, not a helper: the properties are the stores' public API, written once here.
 - `_open_header` only reads and checks; opening the file (mmap or a descriptor) stays with each
   store, which also owns `close()` and `__repr__`.
+- Both stores answer `gather_nowait` from the same page-cache residency probe
+  (`engram.store.readkernel.ResidencyProbe`), made here on first use from the store's descriptor
+  (`_fileno`) and closed by the store's `close` (`_close_probe`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Self
 import torch
 from torch import Tensor
 
+from engram.store.readkernel import ResidencyProbe
 from engram.store.tablefile import ITEMSIZE, TableHeader, _check_host, read_header, verify_table
 
 
@@ -76,6 +80,7 @@ class TableFileStore:
         self._closed = True
         self._stats_lock = threading.Lock()
         self._stats = ReadStats()
+        self._probe: ResidencyProbe | None = None  # made on first use by `_residency`
         check = verify_table if verify else read_header
         h = check(self._path, expected_fingerprint=expected_fingerprint, allow_dirty=allow_dirty)
         self._header = h
@@ -129,6 +134,24 @@ class TableFileStore:
     def _check_open(self, what: str) -> None:
         if self._closed:
             raise ValueError(f"{type(self).__name__}.{what}: the store for {self._path} is closed")
+
+    def _fileno(self) -> int:
+        """The store's open descriptor of the file."""
+        raise NotImplementedError
+
+    def _residency(self) -> ResidencyProbe | None:
+        """The page-cache residency probe of this file (made on first use), or None where it
+        cannot be made (no C kernel, no mapping, store closed)."""
+        if self._probe is None and not self._closed:
+            with self._stats_lock:
+                if self._probe is None:
+                    self._probe = ResidencyProbe(self._fileno(), self._header.file_nbytes)
+        return self._probe if self._probe is not None and self._probe.available else None
+
+    def _close_probe(self) -> None:
+        probe, self._probe = getattr(self, "_probe", None), None
+        if probe is not None:
+            probe.close()
 
     def gather(self, rows: Tensor) -> Tensor:
         raise NotImplementedError

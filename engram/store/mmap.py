@@ -31,7 +31,7 @@ Design choices:
   Sequential reads (`read_range`: export, checkpoint copies) use plain file reads with read-ahead.
 - `gather_nowait` (what `PrefetchingStore` asks first, on the model thread) selects only the rows
   whose pages are in the page cache, found with mincore() on a second, never-touched mapping (the
-  row reader's `ResidencyProbe`: the probe reads nothing, whereas touching the main map would
+  `engram.store.readkernel.ResidencyProbe`: the probe reads nothing, whereas touching the main map would
   fault a missing page in right there); the rest is left to the prefetch worker.
 - No autograd: `trainable_parameters()` is empty; training goes through `apply_row_update`.
 - Counters (`stats()`, the row reader's `ReadStats`): gathers, rows served and the wall time in
@@ -58,7 +58,6 @@ from torch import Tensor
 
 from engram.store.base import PartialGather, check_row_ids, complete_gather, finish_by_gather
 from engram.store.filestore import TableFileStore
-from engram.store.pread import ResidencyProbe
 from engram.store.tablefile import (
     FLAG_DIRTY,
     TableFileError,
@@ -111,7 +110,6 @@ class MmapRowStore(TableFileStore):
         except BaseException:
             self._file.close()
             raise
-        self._probe: ResidencyProbe | None = None  # mincore probes for gather_nowait (lazily)
         self._closed = False
 
     # ------------------------------------------------------------------ setup
@@ -205,13 +203,8 @@ class MmapRowStore(TableFileStore):
             self._stats.read_time_s += elapsed
         return out
 
-    def _residency(self) -> ResidencyProbe | None:
-        """The mincore probe of this file (made on first use), or None where it cannot be."""
-        if self._probe is None:
-            with self._stats_lock:
-                if self._probe is None:
-                    self._probe = ResidencyProbe(self._file.fileno(), self._header.file_nbytes)
-        return self._probe if self._probe.available else None
+    def _fileno(self) -> int:
+        return self._file.fileno()
 
     def _will_need(self, flat: Tensor) -> None:
         """Ask the kernel to read the pages of rows `flat` (R,) now, all at once (MADV_WILLNEED)."""
@@ -339,8 +332,7 @@ class MmapRowStore(TableFileStore):
             if self._writable:
                 self._mm.flush()
             self._data = self._scale = None  # type: ignore[assignment]  # drop the buffer exports
-            if self._probe is not None:
-                self._probe.close()
+            self._close_probe()
             self._mm.close()
             self._file.close()
 

@@ -52,15 +52,12 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import importlib.util
 import mmap
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -69,6 +66,7 @@ from torch import Tensor
 
 from engram.store.base import PartialGather, check_row_ids, complete_gather, finish_by_gather
 from engram.store.filestore import TableFileStore
+from engram.store.readkernel import load_kernel
 from engram.store.tablefile import (
     TableFileError,
 )
@@ -157,71 +155,6 @@ class _Jobs(NamedTuple):
     at: np.ndarray
 
 
-class _Kernel(NamedTuple):
-    jobs: Any  # engram_pread_jobs
-    map_file: Any  # engram_map_file: a read-only mapping for mincore probes
-    unmap_file: Any
-    resident: Any  # engram_resident: which ranges are in the page cache
-
-
-@lru_cache(maxsize=1)
-def _load_kernel() -> _Kernel | None:
-    """The C extension's functions (ctypes: the GIL is released during a call), or None when it
-    was not built."""
-    spec = importlib.util.find_spec("engram._preadkernel")
-    if spec is None or spec.origin is None:
-        return None
-    try:
-        lib = ctypes.CDLL(spec.origin)
-        fn, map_file, unmap_file = lib.engram_pread_jobs, lib.engram_map_file, lib.engram_unmap_file
-        resident = lib.engram_resident
-    except (OSError, AttributeError):
-        return None
-    p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [c_int, i64, p, p, p, p, c_int, i64, p, p, p]
-    fn.restype = c_int
-    map_file.argtypes, map_file.restype = [c_int, i64], p
-    unmap_file.argtypes, unmap_file.restype = [p, i64], c_int
-    resident.argtypes, resident.restype = [p, i64, p, i64, p], i64
-    return _Kernel(fn, map_file, unmap_file, resident)
-
-
-class ResidencyProbe:
-    """Which byte ranges of an open file are in the page cache, asked without reading anything:
-    mincore() on a read-only mapping of the file that is never read through (the C kernel).
-    `available` is False without the kernel or where the mapping cannot be made; then every
-    range counts as not resident. Thread-safe; `close()` unmaps."""
-
-    def __init__(self, fd: int, nbytes: int) -> None:
-        self._kernel = _load_kernel()
-        self._nbytes = nbytes
-        addr = self._kernel.map_file(fd, nbytes) if self._kernel is not None else None
-        self.address: int = int(addr or 0)
-
-    @property
-    def available(self) -> bool:
-        return self.address != 0
-
-    def resident(self, offsets: np.ndarray, length: int) -> np.ndarray:
-        """(n,) bool: whether each [offsets[i], offsets[i] + length) is wholly in the page cache."""
-        off = np.ascontiguousarray(offsets, dtype=np.int64)
-        out = np.zeros(off.size, dtype=bool)
-        if self.available and off.size:
-            assert self._kernel is not None
-            self._kernel.resident(self.address, off.size, off.ctypes.data, length, out.ctypes.data)
-        return out
-
-    def close(self) -> None:
-        if self.address and self._kernel is not None:
-            self._kernel.unmap_file(self.address, self._nbytes)
-        self.address = 0
-
-
-def kernel_available() -> bool:
-    """Whether the C read kernel (`engram/_preadkernel.c`) is built and loaded."""
-    return _load_kernel() is not None
-
-
 class _Staging:
     """One thread's reusable buffers (grown by doubling)."""
 
@@ -296,8 +229,7 @@ class PreadRowStore(TableFileStore):
             self._close_fds()
             raise
         self._nowait = bool(_NOWAIT) and not self._direct
-        self._kernel = _load_kernel() if kernel else None
-        self._probe: ResidencyProbe | None = None  # mincore probes (made on first use)
+        self._kernel = load_kernel() if kernel else None
         self._local = threading.local()
         self._threads = threads
         self._pool = (
@@ -389,7 +321,7 @@ class PreadRowStore(TableFileStore):
 
         flat = self._flat_ids(rows, "PreadRowStore.gather_nowait")
         shape = (*rows.shape, self.dim)
-        if not self._nowait or self._kernel is None or not self._probe_map():
+        if not self._nowait or self._kernel is None or not self._probe_address():
             out = torch.empty(flat.size, self.dim, dtype=self._out_dtype)  # (S, dim)
             pending = np.arange(flat.size, dtype=np.int64)
         else:
@@ -402,14 +334,13 @@ class PreadRowStore(TableFileStore):
         finish = finish_by_gather(self, torch.from_numpy(flat), out, pending)
         return PartialGather(out.view(shape), pending, finish)
 
-    def _probe_map(self) -> int | None:
-        """Address of a read-only mapping of the file for mincore probes (made on first use;
-        None where it cannot be made)."""
-        if self._probe is None and self._kernel is not None and not self._closed:
-            with self._stats_lock:
-                if self._probe is None:
-                    self._probe = ResidencyProbe(self._fd, self._header.file_nbytes)
-        return self._probe.address if self._probe is not None and self._probe.available else None
+    def _fileno(self) -> int:
+        return self._fd
+
+    def _probe_address(self) -> int | None:
+        """Address of the residency probe's mapping, for the kernel's PROBE phase (or None)."""
+        probe = self._residency()
+        return None if probe is None else probe.address
 
     def read_rows(self, rows: np.ndarray) -> Tensor:
         """Distinct sorted ids (U,) int64 -> their rows (U, dim) in the storage dtype (int8 rows
@@ -541,7 +472,7 @@ class PreadRowStore(TableFileStore):
         advise = self.advise and not self._direct and not only  # `only`: no I/O on this thread
         flags = (1 if self._nowait else 0) | (2 if advise else 0) | (4 if only else 0)
         eof = self._header.file_nbytes if self._direct else 1 << 62
-        probe = self._probe_map() if only else None
+        probe = self._probe_address() if only else None
         flags |= 8 if probe else 0
         rc = kernel.jobs(
             fd, n, off.ctypes.data, size.ctypes.data, at.ctypes.data, buf.data_ptr(), flags, eof,
@@ -628,9 +559,7 @@ class PreadRowStore(TableFileStore):
 
     # ------------------------------------------------------------------ lifetime
     def _close_fds(self) -> None:
-        probe = getattr(self, "_probe", None)
-        if probe is not None:
-            probe.close()
+        self._close_probe()
         for fd in (self._fd, self._dfd):
             if fd >= 0:
                 os.close(fd)
